@@ -170,9 +170,11 @@ def edm_precond(sigma, sigma_data):
     return sigma_data ** 2 / s2, sigma * sigma_data / s2.sqrt(), 1 / s2.sqrt(), sigma.log() / 4
 
 def as_sigma(sigma, x):
-    """sigma as a float32 tensor broadcastable against x: (B, 1, ..., 1)."""
-    ones = [1] * (x.ndim - 1)
-    return torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, *ones).expand(x.shape[0], *ones)
+    """sigma as a float32 tensor broadcastable against x: (B, 1, ..., 1). A Python number becomes a
+    fill on the device, not a host-to-device copy (which would make the CPU wait for the GPU)."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if not torch.is_tensor(sigma): return torch.full(shape, float(sigma), device=x.device)
+    return sigma.to(x.device, torch.float32).reshape(-1, *shape[1:]).expand(shape)
 
 class EDMPrecond(nn.Module):
     """The denoiser D(x, sigma) of EDM. Preconditioning and the output combination run in fp32."""
@@ -325,7 +327,7 @@ class GaussianMixture2D:
         return (self.means[k] + self.std * torch.randn(n, 2, dtype=torch.float64, generator=generator)).float()
 
     def _log_joint(self, x, sigma=0.0):   # log w_k N(x; m_k, (std^2 + sigma^2) I), (N, K)
-        var = self.std ** 2 + torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2
+        var = self.std ** 2 + torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2
         d2 = (x.double()[:, None, :] - self.means.to(x.device)).pow(2).sum(-1)
         return self.weights.to(x.device).log() - d2 / (2 * var) - torch.log(2 * math.pi * var)
 
@@ -531,7 +533,7 @@ class Ctx:
         self.ddp = 'RANK' in os.environ
         self.rank, self.world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if self.ddp else (0, 1)
         dev = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if self.ddp and dev == 'cuda' else dev)
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if dev == 'cuda' else dev)
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -622,11 +624,12 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
     if cfg.bench: return bench(cfg, ctx, step_fn)
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(cfg.out, 'ckpt.pt'), os.path.join(cfg.out, 'metrics.jsonl')
-    state = dict(step=0, kimg=0.0, next_eval=cfg.eval_every)
+    state = dict(step=0, kimg=0.0, next_eval=cfg.eval_every, next_ckpt=cfg.eval_every / 5)   # checkpoints 5x per eval interval
     if cfg.resume:
         if not os.path.exists(ckpt_path): raise SystemExit(f'error: --resume: there is no checkpoint {ckpt_path}')
         ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-        for k, m in [*nets.items(), *opts.items()]: m.load_state_dict(ck['nets' if k in nets else 'opts'][k])
+        for group, mods in (('nets', nets), ('opts', opts)):
+            for k, m in mods.items(): m.load_state_dict(ck[group][k])
         state, rng = ck['state'], ck['rng']
         torch.set_rng_state(rng['torch'][ctx.rank]); np.random.set_state(rng['numpy']); random.setstate(rng['python'])
         if rng['cuda'] is not None: torch.cuda.set_rng_state(rng['cuda'][ctx.rank])
@@ -657,8 +660,8 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
             with ctx.autocast(): losses = step_fn()
             pending.append(torch.stack([v.detach().float() for v in losses.values()]))
             state['step'] += 1; state['kimg'] += cfg.batch / 1000; bar.update(min(cfg.batch / 1000, bar.total - bar.n))
-            done, due = state['kimg'] >= cfg.kimg, state['kimg'] >= state['next_eval']
-            if state['step'] % cfg.log_every == 0 or done or due:
+            done, due, snap = state['kimg'] >= cfg.kimg, state['kimg'] >= state['next_eval'], state['kimg'] >= state['next_ckpt']
+            if state['step'] % cfg.log_every == 0 or done or due or snap:         # losses are checked before any checkpoint
                 vals = torch.stack(pending).cpu(); pending = []                  # the loop's only host sync
                 if not torch.isfinite(vals).all():
                     r, c = (~torch.isfinite(vals)).nonzero()[0].tolist()
@@ -668,7 +671,9 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
                     f'{k} {v:.4f}' for k, v in zip(losses, vals.mean(0).tolist())) + f'  {dt * 1000:.0f} ms/step  {cfg.batch / dt:.0f} img/s')
             if due or done:
                 state['next_eval'] += cfg.eval_every
-                evaluate(final=done); checkpoint()
+                evaluate(final=done); t0 = time.time()                          # keep eval time out of ms/step
+            if due or done or snap:
+                state['next_ckpt'] = state['kimg'] + cfg.eval_every / 5; checkpoint()
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted at step {state['step']}; continue from the last checkpoint {ckpt_path} with --resume")
     except FloatingPointError as e:

@@ -1,0 +1,66 @@
+"""DMD: the loss identity, the toy distillation, a tiny CIFAR-shaped run through FID and exact
+resume, DDP with two gloo ranks, and --bench."""
+import json, os, subprocess, sys
+import torch
+import dmd
+from conftest import ROOT, fake_extractor, make_fake_cifar, matches_mixture, run, toy_metrics
+
+def test_dm_loss_gradient_is_the_normalised_score_difference():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    D_real, D_fake = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    dmd.dmd_loss(x, D_real, D_fake).backward()
+    norm = (x - D_real).abs().mean((1, 2, 3), keepdim=True)
+    expect = (D_fake - D_real) / norm / x.numel()            # seed 002: w (s_fake - s_real), mean over elements
+    assert torch.allclose(x.grad, expect, atol=1e-6)
+    sigma = 0.7                                               # the same in score form: s = (D(x_t) - x_t) / sigma^2
+    x_t = x.detach() + sigma * torch.randn_like(x)
+    s_fake, s_real = (D_fake - x_t) / sigma ** 2, (D_real - x_t) / sigma ** 2
+    assert torch.allclose(x.grad, sigma ** 2 * (s_fake - s_real) / norm / x.numel(), atol=1e-5)
+
+def test_toy_distillation_matches_the_mixture(tmp_path, toy_teacher):
+    z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
+    untrained = dmd.GaussianMixture2D().metrics(dmd.generate(toy_teacher, z))   # the student before training
+    assert not matches_mixture(untrained)
+    m = toy_metrics('dmd', tmp_path / 'toy')                 # python dmd.py --data toy, as in the README
+    assert matches_mixture(m), m
+    assert (tmp_path / 'toy' / 'toy_samples.png').exists() and (tmp_path / 'toy' / 'metrics.png').exists()
+
+def tiny_cifar_cfg(tmp_path, out, kimg, *extra):
+    return dmd.get_config(['--teacher', 'random', '--model-channels', '16', '--data-dir', str(make_fake_cifar(tmp_path / 'data')),
+                           '--out', str(out), '--batch', '8', '--kimg', str(kimg), '--eval-every', '0.032', '--reg-pairs', '16',
+                           '--fid-samples', '32', '--fid-final', '48', '--device', 'cpu', *extra])
+
+def test_tiny_cifar_run_resume_equals_uninterrupted(tmp_path):
+    full = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'full', 0.064), extract=fake_extractor)
+    assert full['step'] == 8
+    rows = [json.loads(l) for l in open(tmp_path / 'full' / 'metrics.jsonl')]
+    assert [r['step'] for r in rows] == [4, 8] and all(r['fid_legacy'] > 0 and r['is'] >= 1 for r in rows)
+    assert (tmp_path / 'full' / 'samples.png').exists() and (tmp_path / 'full' / 'metrics.png').exists()
+    dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.032), extract=fake_extractor)       # stop after 4 steps ...
+    split = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.064, '--resume'), extract=fake_extractor)  # ... go on
+    for name in ('G', 'fake', 'G_ema'):
+        a, b = full['nets'][name].state_dict(), split['nets'][name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not all(torch.equal(v, w) for v, w in zip(full['nets']['G'].state_dict().values(), dmd.EDMPrecond(model_channels=16).state_dict().values()))
+
+def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path, toy_teacher):
+    driver = tmp_path / 'driver.py'
+    driver.write_text(f"import os, sys, torch; sys.path.insert(0, {str(ROOT)!r}); import dmd\n"
+                      f"res = dmd.train(dmd.get_config(['--data', 'toy', '--out', {str(tmp_path / 'ddp')!r}, '--kimg', '2', '--batch', '128', '--eval-every', '2', '--reg-pairs', '256']))\n"
+                      f"torch.save(res['nets']['G'].state_dict(), os.path.join({str(tmp_path)!r}, 'G_rank' + os.environ['RANK'] + '.pt'))\n")
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(tmp_path / 'G_rank0.pt'), torch.load(tmp_path / 'G_rank1.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in toy_teacher.state_dict().items())   # and they did train
+
+def test_bench_reports_step_time_and_flops():
+    r = run('dmd', '--bench', '2', '--batch', '2', '--device', 'cpu', timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [l for l in r.stdout.splitlines() if l.startswith('bench')][-1]
+    for key in ('ms_per_step', 'img_per_s', 'peak_mem_gib', 'tflops', 'gflop_per_img', 'mfu'):
+        assert key in line
+    gflop = float(line.split('gflop_per_img ')[1].split()[0])
+    assert 50 < gflop < 500        # full-size network: several SongUNet passes per image (see README)
