@@ -57,10 +57,10 @@ def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path, toy_teacher):
     assert not all(torch.equal(a[k], v) for k, v in toy_teacher.state_dict().items())   # and they did train
 
 def test_bench_reports_step_time_and_flops():
-    r = run('dmd', '--bench', '2', '--batch', '2', '--device', 'cpu', timeout=600)
+    r = run('dmd', '--bench', '1', '--batch', '2', '--device', 'cpu', timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     line = [l for l in r.stdout.splitlines() if l.startswith('bench')][-1]
     for key in ('ms_per_step', 'img_per_s', 'peak_mem_gib', 'tflops', 'gflop_per_img', 'mfu'):
         assert key in line
     gflop = float(line.split('gflop_per_img ')[1].split()[0])
-    assert 50 < gflop < 500        # full-size network: several SongUNet passes per image (see README)
+    assert 300 < gflop < 700       # full-size network: about 12 SongUNet passes of 42 GFLOP per image (README)

@@ -75,12 +75,13 @@ def _as_official(m, init_kwargs=None):
     state.update(_modules=children, _init_args=(), _init_kwargs=init_kwargs or {})
     return _Persistent(type(m).__name__, state)
 
-def write_official_pickle(path, net, unet_kwargs):
+def write_official_pickle(path, net, unet_kwargs, ema_class='EDMPrecond'):
     mods = _fake_edm_modules()
     old = {k: sys.modules.get(k) for k in mods}
     sys.modules.update(mods)
     try:
         ema = _as_official(net)
+        ema.meta['class_name'] = ema_class
         ema.meta['state']['_modules']['model'].meta['state']['_init_kwargs'] = dict(
             unet_kwargs, img_resolution=32, in_channels=3, out_channels=3, label_dim=net.label_dim, embedding_type='positional',
             encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], channel_mult_emb=4)
@@ -119,8 +120,11 @@ def test_load_edm_errors_name_the_file(tmp_path):
     (tmp_path / 'truncated.pkl').write_bytes(good.read_bytes()[:5000])
     (tmp_path / 'other.pkl').write_bytes(pickle.dumps({'ema': [1, 2, 3]}))
     (tmp_path / 'evil.pkl').write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / 'pwned').encode() + b"'\ntR.")
-    for name in ('truncated.pkl', 'other.pkl', 'evil.pkl'):
-        with pytest.raises(SystemExit, match=name): dmd.load_edm(str(tmp_path / name))
+    write_official_pickle(tmp_path / 'unknown.pkl', net, dict(model_channels=16), ema_class='StyleGAN2Generator')
+    for name, why in [('truncated.pkl', 'EOFError|UnpicklingError'), ('other.pkl', 'not an EDMPrecond'),
+                      ('evil.pkl', 'refusing to load global os.system'), ('unknown.pkl', 'StyleGAN2Generator, not an EDMPrecond')]:
+        with pytest.raises(SystemExit, match=f'{name} is not a usable EDM network .*({why}).*Delete it to re-download'):
+            dmd.load_edm(str(tmp_path / name))
     assert not (tmp_path / 'pwned').exists()
 
 def test_pt_round_trip(tmp_path):
