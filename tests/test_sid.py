@@ -1,0 +1,78 @@
+"""SiD (seed 003 section 5.3): the 1-D Gaussian argument of 5.3.1 on the code's loss, the signs of
+the two terms of Eq. (83), the generator-loss noise range, and the toy distillation."""
+import torch
+import sid
+from conftest import matches_mixture, run, toy_metrics
+
+def gaussian_1d(theta, sigma, n=4096, dim=1, seed=0):
+    """Seed 003 5.3.1: data N(0, 1), generator G_theta = theta + z ~ N(theta, 1), x_t = G + sigma eps, and
+    the exact denoisers x_psi(x_t) = x_t / (1 + s^2) (teacher) and x_phi(x_t) = (x_t + phi s^2) / (1 + s^2)
+    (fake), with phi tied to theta (phi*(theta) = theta) but held fixed: phi = theta.detach()."""
+    g = torch.Generator().manual_seed(seed)
+    x = theta + torch.randn(n, dim, generator=g)
+    x_t = x + sigma * torch.randn(n, dim, generator=g)
+    return x, x_t / (1 + sigma ** 2), (x_t + theta.detach() * sigma ** 2) / (1 + sigma ** 2)
+
+def grad(loss, theta):
+    return torch.autograd.grad(loss, theta, retain_graph=True)[0].item()
+
+def test_L1_gives_no_gradient_but_eq83_moves_theta_to_the_data():
+    for th in (1.5, -0.7):
+        for sigma in (0.3, 1.0, 2.5):
+            theta = torch.tensor(th, requires_grad=True)
+            x, D_real, D_fake = gaussian_1d(theta, sigma)
+            L1 = (D_fake - D_real).pow(2).sum(1).mean()                          # Eq. (73)
+            assert abs(L1.item() - (th * sigma ** 2 / (1 + sigma ** 2)) ** 2) < 1e-5  # Eq. (76), squared
+            assert abs(grad(L1, theta)) < 1e-6                                   # no signal for theta
+            # The code's Eq. (83): d/dtheta = theta s^4 / (1 + s^2)^2 * mean(1 / w), w = |G - x_psi|; alpha's term adds 0.
+            w = (x - D_real).abs().clamp_min(1e-5).detach()
+            expect = th * sigma ** 4 / (1 + sigma ** 2) ** 2 * (1 / w).mean().item()
+            for alpha in (0.0, 1.2):
+                g = grad(sid.sid_loss(x, D_real, D_fake, alpha), theta)
+                assert abs(g - expect) < 1e-4 * abs(expect) and g * th > 0       # descent moves theta toward 0
+            boxed = ((D_fake - D_real) * (D_real - x) / w).mean()                # seed 003's boxed sign of the first term
+            assert grad(boxed, theta) * th < 0                                   # would move theta away from the data
+
+def test_eq83_descent_reaches_the_data_mean():
+    theta = torch.tensor(2.0, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for i in range(300):                                                         # phi re-tied to theta every step
+        loss = sid.sid_loss(*gaussian_1d(theta, sigma=1.0, n=1024, seed=i), alpha=1.2)
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert abs(theta.item()) < 0.1
+
+def test_alpha_zero_is_the_first_term_and_alpha_enters_linearly():
+    g = torch.Generator().manual_seed(0)
+    x, D_real, D_fake = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(3))
+    w = (x - D_real).abs().mean((1, 2, 3), keepdim=True)
+    first = ((D_real - D_fake) * (D_real - x) / w).sum((1, 2, 3)).mean()
+    sq = ((D_real - D_fake) ** 2 / w).sum((1, 2, 3)).mean()
+    torch.testing.assert_close(sid.sid_loss(x, D_real, D_fake, 0.0), first)
+    for alpha in (0.5, 1.2):
+        torch.testing.assert_close(sid.sid_loss(x, D_real, D_fake, alpha), first - alpha * sq)
+
+def test_signs_of_both_terms_on_the_score_identity():
+    """With the exact fake denoiser, E[(x_psi - x_phi)^T (x_psi - G)] = E||x_psi - x_phi||^2 (Eq. 79-81), so
+    Eq. (83) = (1 - alpha) E||delta||^2 / w: positive for alpha = 0, negative for alpha = 1.2. 2048-dim
+    Gaussian so that the per-sample normaliser w is nearly constant."""
+    theta, sigma = torch.tensor(1.0), 1.0
+    x, D_real, D_fake = gaussian_1d(theta, sigma, n=256, dim=2048)
+    w = (x - D_real).abs().mean(1, keepdim=True)
+    ref = ((D_real - D_fake) ** 2 / w).sum(1).mean()                             # E||delta||^2 / w > 0
+    for alpha in (0.0, 1.2):
+        assert abs(sid.sid_loss(x, D_real, D_fake, alpha) / ref - (1 - alpha)) < 0.02
+
+def test_generator_noise_range_matches_official_tmax():
+    # official: t ~ U[0, tmax/1000], sigma = (max^(1/rho) + (1 - t)(min^(1/rho) - max^(1/rho)))^rho = karras(1 - t)
+    s = sid.sample_sigma(100000, 'cpu', u_min=1 - 800 / 1000, u_max=1.0)
+    assert s.min() >= 0.002 - 1e-6 and s.max() <= 24.42 and s.max() > 23
+    assert abs(sid.karras(torch.tensor(0.2)).item() - 24.41) < 0.01
+    r = run('sid', '--tmax', '1001')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and '--tmax' in r.stderr
+
+def test_toy_distillation_matches_mixture(tmp_path, toy_teacher):
+    z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(): untrained = sid.GaussianMixture2D().metrics(sid.generate(toy_teacher, z, sigma=sid.SIGMA_INIT))
+    assert not matches_mixture(untrained), untrained                              # the check can fail
+    m = toy_metrics('sid', tmp_path / 'toy')
+    assert matches_mixture(m), m
