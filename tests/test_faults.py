@@ -1,0 +1,121 @@
+"""Faults a long run on a rented GPU meets, tried on every script in the toy world: SIGKILL and resume, a crash
+while writing a checkpoint, NaN weights, a used or mismatched --out, offline downloads. FAULTS below is the table in
+the README ("What happens when things go wrong"): `python tests/test_faults.py` prints it, and a test checks that
+the README holds it and that every test it names exists, so each row is an outcome a test asserts."""
+import importlib, os, signal, subprocess, sys, time
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SCRIPTS, run
+
+FAULTS = [  # (fault, outcome, test that asserts it)
+    ('SIGKILL during training, then `--resume`', 'finishes bit-identical (weights, samples, step) to an uninterrupted run',
+     'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
+    ('crash while a checkpoint is being written', 'the previous checkpoint stays loadable; `--resume` continues from it',
+     'test_faults.py::test_crash_while_writing_a_checkpoint_keeps_the_previous_one'),
+    ('NaN in the weights (injected at step 20)', 'stops with "loss_... is nan at step 20" and the path of the last good checkpoint, whose weights are finite',
+     'test_faults.py::test_nan_weights_stop_the_run_with_step_and_checkpoint'),
+    ('new run into an `--out` that holds a run', 'refused, one line: pass `--resume` or choose another `--out`', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
+    ('`--resume` with other settings than the checkpoint (`--h`, `--ema-kimg`, ...; `--lr`, `--precision`, `--kimg` may change)',
+     'refused, one line naming the flags that differ', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
+    ('`--resume` with no checkpoint in `--out`', 'one-line error', 'test_shared.py::test_resume_without_checkpoint_is_an_error'),
+    ('bad flag values (`--data nope`, `--batch -4`, `--kimg -1`, `--lr nan`, an unknown `--h`, `--mu 1`, ...)', 'argparse error, exit code 2, no traceback',
+     'test_shared.py::test_bad_flags_are_one_line_errors'),
+    ('teacher: missing file, truncated file, a pickle that is no EDM network, unknown embedded classes, a pickle that would run code',
+     'one-line error naming the file and what to do; nothing in the pickle is executed', 'test_edm.py::test_load_edm_errors_name_the_file'),
+    ('offline: EDM checkpoint, Inception weights, CIFAR-10', 'one-line error naming the URL and where to put the file',
+     'test_faults.py::test_offline_downloads_name_the_url_and_the_place'),
+]
+
+def fault_table():
+    return '\n'.join(['| fault | outcome | test |', '|---|---|---|'] + [f'| {f} | {o} | `{t}` |' for f, o, t in FAULTS])
+
+def test_readme_fault_table_is_the_tests():
+    for _, _, name in FAULTS:
+        module, fn = name.split('::')
+        assert hasattr(importlib.import_module(module[:-3]), fn), name
+    assert fault_table() in (ROOT / 'README.md').read_text(), 'README fault table is stale: python tests/test_faults.py'
+
+SHORT = ['--data', 'toy', '--kimg', '16', '--batch', '256', '--eval-every', '8']   # 63 steps, checkpoint every 1.6 kimg
+
+def final_state(out):
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    return ck['state']['step'], ck['nets'], np.load(os.path.join(out, 'toy_samples.npy'))
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_sigkill_then_resume_is_bit_identical(script, tmp_path, toy_teacher):
+    assert run(script, *SHORT, '--out', tmp_path / 'a').returncode == 0
+    p = subprocess.Popen([sys.executable, str(ROOT / f'{script}.py'), *SHORT, '--out', str(tmp_path / 'b')],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    ckpt = tmp_path / 'b' / 'ckpt.pt'
+    while not ckpt.exists() and p.poll() is None: time.sleep(0.05)
+    mtime = ckpt.stat().st_mtime_ns
+    while ckpt.stat().st_mtime_ns == mtime and p.poll() is None: time.sleep(0.02)   # a second checkpoint is written ...
+    p.send_signal(signal.SIGKILL); p.wait()                                           # ... and the run is killed
+    assert p.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    r = run(script, *SHORT, '--out', tmp_path / 'b', '--resume')
+    assert r.returncode == 0, r.stderr[-2000:]
+    step_a, nets_a, x_a = final_state(tmp_path / 'a')
+    step_b, nets_b, x_b = final_state(tmp_path / 'b')
+    assert step_a == step_b and np.array_equal(x_a, x_b)
+    for name in nets_a:
+        assert all(torch.equal(nets_a[name][k], nets_b[name][k]) for k in nets_a[name]), name
+    mod = importlib.import_module(script)
+    with pytest.raises(SystemExit, match='already holds a run; pass --resume'):           # a new run into a used --out
+        mod.train(mod.get_config([*SHORT, '--out', str(tmp_path / 'a')]))
+    with pytest.raises(SystemExit, match='was trained with --ema-kimg 5; pass the same'):  # a resume with other settings
+        mod.train(mod.get_config([*SHORT, '--out', str(tmp_path / 'a'), '--resume', '--ema-kimg', '7']))
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(script, tmp_path, toy_teacher, monkeypatch):
+    mod = importlib.import_module(script)
+    out, saves, real_save = tmp_path / 'run', [], torch.save
+    def flaky_save(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) == 3:                                  # the third checkpoint: half a file, then the machine dies
+            open(path, 'wb').write(b'\x80\x02partial'); raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(mod.torch, 'save', flaky_save)
+    with pytest.raises(SystemExit, match='interrupted'):
+        mod.train(mod.get_config([*SHORT, '--out', str(out)]))
+    monkeypatch.setattr(mod.torch, 'save', real_save)
+    ck = torch.load(out / 'ckpt.pt', weights_only=False)      # the second checkpoint, intact
+    assert ck['state']['step'] > 0
+    assert run(script, *SHORT, '--out', out, '--resume').returncode == 0
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_nan_weights_stop_the_run_with_step_and_checkpoint(script, tmp_path, toy_teacher, monkeypatch):
+    mod = importlib.import_module(script)
+    real_fit = mod.fit
+    def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
+        count = [0]
+        def poisoned_step():
+            count[0] += 1
+            if count[0] == 20: next(nets['G'].parameters()).data.fill_(float('nan'))
+            return step_fn()
+        return real_fit(cfg, ctx, world, nets, opts, poisoned_step, sampler)
+    monkeypatch.setattr(mod, 'fit', fit)
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit) as e:
+        mod.train(mod.get_config([*SHORT, '--out', str(out), '--log-every', '50']))
+    msg = str(e.value)
+    assert 'is nan at step 20' in msg and str(out / 'ckpt.pt') in msg
+    ck = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ck['state']['step'] < 20
+    assert all(torch.isfinite(v).all() for net in ck['nets'].values() for v in net.values() if v.is_floating_point())
+
+def test_offline_downloads_name_the_url_and_the_place(tmp_path, monkeypatch):
+    import dmd
+    def offline(*a, **k): raise OSError('network unreachable')
+    monkeypatch.setattr(dmd.torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(SystemExit, match=r'could not download https://nvlabs-fi-cdn.*edm-cifar10-32x32-uncond-vp.pkl.*put it at .*edm-cifar10'):
+        dmd.load_edm(dmd.EDM_UNCOND)
+    with pytest.raises(SystemExit, match='inception-2015-12-05.pt'):
+        dmd.clean_fid_extractor(torch.device('cpu'))
+    import torchvision.datasets.utils as tvu
+    monkeypatch.setattr(tvu, 'download_and_extract_archive', offline)
+    with pytest.raises(SystemExit, match=r'cifar-10-python.tar.gz into ' + str(tmp_path)):
+        dmd.load_cifar10(str(tmp_path))
+
+if __name__ == '__main__':
+    print(fault_table())
