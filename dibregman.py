@@ -8,17 +8,15 @@ the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq. 4). r = e^{-l} comes from a
 of psi's encoder features (SiDA style), trained on real images against G's samples (Eq. 5); h = KL gives weight 1, DMD.
 Paper: Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching", arXiv 2510.16983 (seed 001).
 
-    python dibregman.py --h sba --lam 5             # CIFAR-10 uncond on one H100, official EDM teacher (the paper's run)
+    python dibregman.py --h sba --lam 5             # CIFAR-10 uncond on one H100, official EDM teacher (the paper's h)
     python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, about a minute; any h of Table 1: lr kl be ls sba
-    python dibregman.py --bench 20                  # time the full-size training step; torchrun --nproc_per_node=8: GPUs
 Expected: CIFAR-10, the paper's one-step FID is 3.61 (clean-fid, SBA lambda 5, uncond). Toy, ~47 s on 2 CPU cores (README
-gallery): lr and be match the mixture; kl, ls, sba 5 weight r > 1 up, are mode-seeking, misweight modes (mode_tv .055-.10).
+gallery): lr and be match the mixture; kl, ls, sba 5 do not down-weight r > 1: mode-seeking, they misweight the modes.
 
 code                 paper (seed 001)
 G, teacher, fake     x_theta = G_theta(eps) (G_ema: its EMA), phi (frozen), the auxiliary psi; s = (D(x_t) - x_t) / sigma^2
 disc_logit(fake, .)  l_t(x): discriminator eta = mean of psi's encoder bottleneck (toy: a linear head, --disc-head)
-disc_loss            Eq. (5) for eta with D_eta = sigmoid(l); optimum l* = log p_t/q_t, so r_t = e^{-l}
-bregman_weight       h''(r) r at r = e^{-l}, Table 1's last column: lr sigmoid(l), kl 1, be e^l, ls e^-l, sba e^(-lam l)
+disc_loss, bregman_weight  Eq. (5), D_eta = sigmoid(l), optimum l* = log p_t/q_t, r_t = e^{-l}; h''(r) r of Table 1 in l
 dibregman_loss       Eq. (4) as a stop-gradient loss: d/dx = w (s_psi - s_phi) w(t), w(t) = sigma^2 / mean|D_phi - x| (DMD)
 loss_gan, loss_fake  -log D_eta(x_t) (line 12, --w-gan); psi's denoising loss on x_theta (lines 16-18), summed with Eq. (5)
 
@@ -27,9 +25,10 @@ data in the loop, no regression anchor (the paper has none), psi trained on the 
 Departures from the paper: --weight-group K samples share one sigma and h''(r) r is divided by its mean over them
 (K softmax(log w): finite, at most K), an estimate of E_q_t[h''(r) r], so a choice of Eq. (4)'s free w(t); the paper
 states no normaliser. --logit-clamp (off) bounds |l|. t ~ U[0, 1] is sigma = karras(u), u in [0.02, 0.98]; t'' ~
-U[0, 0.95] is u = 1 - t'' (sigma 60.6 .. 0.002); w(t) is DMD's normaliser; CIFAR-10 defaults are dmd.py's (ours).
+U[0, 0.95] is u = 1 - t'' (sigma 60.6 .. 0.002); w(t) is DMD's normaliser; CIFAR-10 defaults are dmd.py's (ours); the
+paper's appendix D distils an NCSN++ network, ours the DDPM++ teacher (the only SongUNet path kept here).
 """
-import argparse, collections, contextlib, copy, io, json, math, os, pickle, random, resource, signal, time
+import argparse, collections, contextlib, copy, inspect, io, json, math, os, pickle, random, resource, signal, time
 import numpy as np
 import torch
 import torch.nn as nn
@@ -55,7 +54,8 @@ def get_config(argv=None):
     g.add_argument('--disc-head', choices=['mean', 'linear'], help="logit = mean of psi's bottleneck (SiDA), or a linear map of its channel means initialised to that mean")
     g.add_argument('--lr-fake', type=pos_float, default=None, help='learning rate of psi and its discriminator (default: --lr)')
     cfg = finish_config(p, argv, DEFAULTS)
-    if cfg.h != 'kl' and cfg.weight_group and cfg.batch % cfg.weight_group: p.error(f'--batch {cfg.batch} must be a multiple of --weight-group {cfg.weight_group}')
+    if cfg.h != 'kl' and cfg.weight_group and cfg.batch % (cfg.weight_group * int(os.environ.get('WORLD_SIZE', 1))):   # per process
+        p.error(f'--batch {cfg.batch} must be a multiple of --weight-group {cfg.weight_group} times the number of processes')
     return cfg
 
 # === BEGIN SHARED: EDM network ===
@@ -259,9 +259,7 @@ def load_edm(source, device='cpu'):
             unet = ema.state['_modules']['model']
             if unet.class_name != 'SongUNet' or unet.state.get('_init_kwargs', {}).get('embedding_type', 'positional') != 'positional':
                 raise ValueError('only the DDPM++ SongUNet (EDM\'s CIFAR-10 "vp" networks) is supported')
-            keep = ('img_resolution', 'in_channels', 'out_channels', 'augment_dim', 'model_channels', 'channel_mult',
-                    'num_blocks', 'attn_resolutions', 'dropout')
-            kwargs = {k: v for k, v in unet.state.get('_init_kwargs', {}).items() if k in keep}
+            kwargs = {k: v for k, v in unet.state.get('_init_kwargs', {}).items() if k in inspect.signature(SongUNet).parameters}
             kwargs.update(label_dim=int(ema.state['label_dim']), sigma_data=float(ema.state['sigma_data']))
             sd = _stub_state_dict(ema)
         net = EDMPrecond(**kwargs); net.load_state_dict(sd, strict=True)
@@ -519,6 +517,7 @@ def finish_config(p, argv, defaults):
     for k, v in defaults[cfg.data].items():
         if getattr(cfg, k, None) is None: setattr(cfg, k, v)
     if cfg.data == 'toy' and cfg.cond: p.error('--cond needs --data cifar10')
+    if cfg.batch % int(os.environ.get('WORLD_SIZE', 1)): p.error(f"--batch {cfg.batch} must be a multiple of the {os.environ['WORLD_SIZE']} processes")
     cfg.teacher = cfg.teacher or ('toy' if cfg.data == 'toy' else 'random' if cfg.bench else EDM_COND if cfg.cond else EDM_UNCOND)
     cfg.script = os.path.splitext(os.path.basename(p.prog))[0]
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.script}-{cfg.data}')
@@ -572,9 +571,10 @@ class World:
             self.teacher = toy_teacher().to(dev)
             self.mixture, self.shape = GaussianMixture2D(), (2,)
         else:
-            torch.manual_seed(cfg.seed)
-            self.teacher = (EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels).eval().requires_grad_(False).to(dev)
-                            if cfg.teacher == 'random' else load_edm(cfg.teacher, dev))
+            with torch.random.fork_rng(devices=[]):                          # a random teacher is the same on every rank,
+                torch.manual_seed(cfg.seed)                                  # and each rank's own noise stream is kept
+                self.teacher = (EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels).eval().requires_grad_(False).to(dev)
+                                if cfg.teacher == 'random' else load_edm(cfg.teacher, dev))
             self.shape = (3, 32, 32)
             x, y = ((torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8), torch.randint(10, (1024,))) if cfg.bench
                     else load_cifar10(cfg.data_dir or cache_dir()))
@@ -622,6 +622,7 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
     if cfg.resume:
         if not os.path.exists(ckpt_path): raise SystemExit(f'error: --resume: there is no checkpoint {ckpt_path}')
         ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        if len(ck['rng']['torch']) != ctx.world: raise SystemExit(f"error: --resume: {ckpt_path} was trained on {len(ck['rng']['torch'])} processes, not {ctx.world}")
         diff = [f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items() if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v]
         if diff: raise SystemExit(f"error: --resume: {ckpt_path} was trained with {', '.join(diff)}; pass the same, or choose another --out")
         lrs = {k: [g['lr'] for g in o.param_groups] for k, o in opts.items()}             # this run's learning rates win
@@ -631,7 +632,7 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
             for g, lr in zip(o.param_groups, lrs[k]): g['lr'] = lr
         state, rng = ck['state'], ck['rng']
         torch.set_rng_state(rng['torch'][ctx.rank]); np.random.set_state(rng['numpy']); random.setstate(rng['python'])
-        if rng['cuda'] is not None: torch.cuda.set_rng_state(rng['cuda'][ctx.rank])
+        if rng['cuda'] is not None and ctx.device.type == 'cuda': torch.cuda.set_rng_state(rng['cuda'][ctx.rank])
         if ctx.main: print(f"resumed from {ckpt_path} at step {state['step']} ({state['kimg']:.1f} kimg)")
     elif os.path.exists(ckpt_path):
         raise SystemExit(f'error: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out')
@@ -701,7 +702,7 @@ def bench(cfg, ctx, step_fn):
                  else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 'cpu'))
     tflops, peak = flops / dt / 1e12, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     res = dict(script=cfg.script, device=name, batch=cfg.batch, precision='bf16' if ctx.bf16 else 'fp32', compile=cfg.compile,
-               ms_per_step=dt * 1000, img_per_s=cfg.batch / dt, peak_mem_gib=mem, gflop_per_img=flops / cfg.batch / 1e9,
+               ms_per_step=dt * 1000, img_per_s=cfg.batch / dt, peak_mem_gib=mem, gflop_per_img=flops / (cfg.batch // ctx.world) / 1e9,
                tflops=tflops, mfu=tflops / peak if peak else float('nan'))
     if ctx.main: print('bench  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in res.items()))
     return res

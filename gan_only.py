@@ -31,7 +31,7 @@ Changes relative to dmd.py: no teacher score, fake denoiser or anchor; a discrim
 detached. Departures from the paper: appendix H gives only the gradient; the loss form, R1, one noise range for both
 players, the weight's clamp and normaliser (as dibregman.py) and all defaults are ours.
 """
-import argparse, collections, contextlib, copy, io, json, math, os, pickle, random, resource, signal, time
+import argparse, collections, contextlib, copy, inspect, io, json, math, os, pickle, random, resource, signal, time
 import numpy as np
 import torch
 import torch.nn as nn
@@ -58,7 +58,8 @@ def get_config(argv=None):
     g.add_argument('--lr-disc', type=pos_float, default=None, help='discriminator learning rate (default: --lr)')
     g.add_argument('--u-min', type=_typed(float, lambda v: 0 <= v < 1, 'in [0, 1)'), default=0.05, help='both players see sigma = karras(u), u ~ U[u_min, 1] (0: sigma 80, 0.05: 60.6)')
     cfg = finish_config(p, argv, DEFAULTS)
-    if cfg.h != 'kl' and cfg.weight_group and cfg.batch % cfg.weight_group: p.error(f'--batch {cfg.batch} must be a multiple of --weight-group {cfg.weight_group}')
+    if cfg.h != 'kl' and cfg.weight_group and cfg.batch % (cfg.weight_group * int(os.environ.get('WORLD_SIZE', 1))):   # per process
+        p.error(f'--batch {cfg.batch} must be a multiple of --weight-group {cfg.weight_group} times the number of processes')
     return cfg
 
 # === BEGIN SHARED: EDM network ===
@@ -262,9 +263,7 @@ def load_edm(source, device='cpu'):
             unet = ema.state['_modules']['model']
             if unet.class_name != 'SongUNet' or unet.state.get('_init_kwargs', {}).get('embedding_type', 'positional') != 'positional':
                 raise ValueError('only the DDPM++ SongUNet (EDM\'s CIFAR-10 "vp" networks) is supported')
-            keep = ('img_resolution', 'in_channels', 'out_channels', 'augment_dim', 'model_channels', 'channel_mult',
-                    'num_blocks', 'attn_resolutions', 'dropout')
-            kwargs = {k: v for k, v in unet.state.get('_init_kwargs', {}).items() if k in keep}
+            kwargs = {k: v for k, v in unet.state.get('_init_kwargs', {}).items() if k in inspect.signature(SongUNet).parameters}
             kwargs.update(label_dim=int(ema.state['label_dim']), sigma_data=float(ema.state['sigma_data']))
             sd = _stub_state_dict(ema)
         net = EDMPrecond(**kwargs); net.load_state_dict(sd, strict=True)
@@ -522,6 +521,7 @@ def finish_config(p, argv, defaults):
     for k, v in defaults[cfg.data].items():
         if getattr(cfg, k, None) is None: setattr(cfg, k, v)
     if cfg.data == 'toy' and cfg.cond: p.error('--cond needs --data cifar10')
+    if cfg.batch % int(os.environ.get('WORLD_SIZE', 1)): p.error(f"--batch {cfg.batch} must be a multiple of the {os.environ['WORLD_SIZE']} processes")
     cfg.teacher = cfg.teacher or ('toy' if cfg.data == 'toy' else 'random' if cfg.bench else EDM_COND if cfg.cond else EDM_UNCOND)
     cfg.script = os.path.splitext(os.path.basename(p.prog))[0]
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.script}-{cfg.data}')
@@ -575,9 +575,10 @@ class World:
             self.teacher = toy_teacher().to(dev)
             self.mixture, self.shape = GaussianMixture2D(), (2,)
         else:
-            torch.manual_seed(cfg.seed)
-            self.teacher = (EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels).eval().requires_grad_(False).to(dev)
-                            if cfg.teacher == 'random' else load_edm(cfg.teacher, dev))
+            with torch.random.fork_rng(devices=[]):                          # a random teacher is the same on every rank,
+                torch.manual_seed(cfg.seed)                                  # and each rank's own noise stream is kept
+                self.teacher = (EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels).eval().requires_grad_(False).to(dev)
+                                if cfg.teacher == 'random' else load_edm(cfg.teacher, dev))
             self.shape = (3, 32, 32)
             x, y = ((torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8), torch.randint(10, (1024,))) if cfg.bench
                     else load_cifar10(cfg.data_dir or cache_dir()))
@@ -625,6 +626,7 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
     if cfg.resume:
         if not os.path.exists(ckpt_path): raise SystemExit(f'error: --resume: there is no checkpoint {ckpt_path}')
         ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        if len(ck['rng']['torch']) != ctx.world: raise SystemExit(f"error: --resume: {ckpt_path} was trained on {len(ck['rng']['torch'])} processes, not {ctx.world}")
         diff = [f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items() if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v]
         if diff: raise SystemExit(f"error: --resume: {ckpt_path} was trained with {', '.join(diff)}; pass the same, or choose another --out")
         lrs = {k: [g['lr'] for g in o.param_groups] for k, o in opts.items()}             # this run's learning rates win
@@ -634,7 +636,7 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
             for g, lr in zip(o.param_groups, lrs[k]): g['lr'] = lr
         state, rng = ck['state'], ck['rng']
         torch.set_rng_state(rng['torch'][ctx.rank]); np.random.set_state(rng['numpy']); random.setstate(rng['python'])
-        if rng['cuda'] is not None: torch.cuda.set_rng_state(rng['cuda'][ctx.rank])
+        if rng['cuda'] is not None and ctx.device.type == 'cuda': torch.cuda.set_rng_state(rng['cuda'][ctx.rank])
         if ctx.main: print(f"resumed from {ckpt_path} at step {state['step']} ({state['kimg']:.1f} kimg)")
     elif os.path.exists(ckpt_path):
         raise SystemExit(f'error: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out')
@@ -704,7 +706,7 @@ def bench(cfg, ctx, step_fn):
                  else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 'cpu'))
     tflops, peak = flops / dt / 1e12, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     res = dict(script=cfg.script, device=name, batch=cfg.batch, precision='bf16' if ctx.bf16 else 'fp32', compile=cfg.compile,
-               ms_per_step=dt * 1000, img_per_s=cfg.batch / dt, peak_mem_gib=mem, gflop_per_img=flops / cfg.batch / 1e9,
+               ms_per_step=dt * 1000, img_per_s=cfg.batch / dt, peak_mem_gib=mem, gflop_per_img=flops / (cfg.batch // ctx.world) / 1e9,
                tflops=tflops, mfu=tflops / peak if peak else float('nan'))
     if ctx.main: print('bench  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in res.items()))
     return res

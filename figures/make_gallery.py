@@ -34,7 +34,9 @@ def main():
         cmd = [sys.executable, f'{script}.py', '--data', 'toy', '--seed', '0', '--out', out, *flags]
         if not os.path.exists(os.path.join(out, 'toy_samples.npy')):
             print('running', ' '.join(['python', *cmd[1:]]), flush=True)
-            t0 = time.time(); subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cmd += ['--resume'] if os.path.exists(os.path.join(out, 'ckpt.pt')) else []      # an interrupted gallery run
+            t0 = time.time(); r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if r.returncode: sys.exit(f'{" ".join(cmd[1:])} failed:\n{r.stderr[-3000:]}')
             open(os.path.join(out, 'wall_s.txt'), 'w').write(f'{time.time() - t0:.1f}')
         wall = float(open(os.path.join(out, 'wall_s.txt')).read())
         x = torch.from_numpy(np.load(os.path.join(out, 'toy_samples.npy')))

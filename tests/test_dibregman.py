@@ -40,7 +40,7 @@ def test_weight_normalisation_cannot_overflow_silently():
     assert not torch.isfinite(db.dibregman_loss(x, D, D + 1, db.sample_weight(l, 'sba', 10.0)))  # -> fit stops
     torch.testing.assert_close(db.sample_weight(l, 'sba', 10.0, clamp=1.0), torch.exp(-10 * l.clamp(-1, 1)))
 
-def test_weight_groups_share_sigma():
+def test_weight_group_must_divide_the_batch():
     cfg = db.get_config(['--data', 'toy', '--batch', '64', '--weight-group', '8'])
     assert cfg.weight_group == 8
     r = run('dibregman', '--data', 'toy', '--batch', '60', '--weight-group', '8')

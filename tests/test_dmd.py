@@ -1,6 +1,6 @@
 """DMD: the loss identity, the toy distillation, a tiny CIFAR-shaped run through FID and exact
 resume, DDP with two gloo ranks, and --bench."""
-import json, os, subprocess, sys
+import json, os, subprocess, sys, types
 import torch
 import dmd
 from conftest import ROOT, fake_extractor, make_fake_cifar, matches_mixture, run, toy_metrics
@@ -43,6 +43,17 @@ def test_tiny_cifar_run_resume_equals_uninterrupted(tmp_path):
         a, b = full['nets'][name].state_dict(), split['nets'][name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert not all(torch.equal(v, w) for v, w in zip(full['nets']['G'].state_dict().values(), dmd.EDMPrecond(model_channels=16).state_dict().values()))
+
+def test_ranks_share_the_random_teacher_but_draw_their_own_noise(tmp_path):
+    """Ctx seeds each rank with seed * 1000 + rank; building the CIFAR world must not reseed that away."""
+    cfg, draws = tiny_cifar_cfg(tmp_path, tmp_path / 'w', 0.032), []
+    for rank in (0, 1):
+        torch.manual_seed(cfg.seed * 1000 + rank)
+        world = dmd.World(cfg, types.SimpleNamespace(device=torch.device('cpu')))
+        draws.append((world.teacher.state_dict(), world.noise(4)[0], world.real(4)[0]))
+    (t0, z0, x0), (t1, z1, x1) = draws
+    assert all(torch.equal(t0[k], t1[k]) for k in t0)                  # the same teacher (so the same G) on every rank
+    assert not torch.equal(z0, z1) and not torch.equal(x0, x1)          # but different noise and real images
 
 def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path, toy_teacher):
     driver = tmp_path / 'driver.py'
