@@ -148,7 +148,7 @@ class SongUNet(nn.Module):
         self.dec[f'{img_resolution}x{img_resolution}_aux_norm'] = GroupNorm(c)
         self.dec[f'{img_resolution}x{img_resolution}_aux_conv'] = Conv2d(c, out_channels, 3, gain=1e-5)
 
-    def forward(self, x, c_noise, class_labels=None):
+    def forward(self, x, c_noise, class_labels=None, decode=True):
         half = self.map_layer0.weight.shape[1] // 2                      # positional embedding of c_noise
         emb = torch.outer(c_noise.float(), (1 / 10000) ** (torch.arange(half, device=x.device) / (half - 1)))
         emb = torch.cat([emb.sin(), emb.cos()], dim=1)                   # (B, model_channels)
@@ -160,6 +160,7 @@ class SongUNet(nn.Module):
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         feat = x                                                         # encoder bottleneck, (B, 256, 8, 8) on CIFAR-10
+        if not decode: return None, feat                                 # a discriminator on the encoder needs no decoder
         blocks = list(self.dec.values())
         for block in blocks[:-2]:
             if x.shape[1] != block.in_channels:
@@ -186,12 +187,12 @@ class EDMPrecond(nn.Module):
         self.kwargs = dict(label_dim=label_dim, sigma_data=sigma_data, **unet_kwargs)   # saved with .pt weights
         self.label_dim, self.sigma_data, self.model = label_dim, sigma_data, SongUNet(label_dim=label_dim, **unet_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, return_features=False):
+    def forward(self, x, sigma, class_labels=None, return_features=False):   # return_features='only': (None, feat), no decoder
         x, sigma = x.float(), as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
         if self.label_dim and class_labels is None: class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-        F_x, feat = self.model(c_in * x, c_noise.flatten(), class_labels)
-        D_x = c_skip * x + c_out * F_x.float()
+        F_x, feat = self.model(c_in * x, c_noise.flatten(), class_labels, decode=return_features != 'only')
+        D_x = None if F_x is None else c_skip * x + c_out * F_x.float()
         return (D_x, feat.float()) if return_features else D_x
 
 # === END SHARED: EDM network ===
@@ -229,8 +230,7 @@ class _SafeUnpickler(pickle.Unpickler):
                # EDM's persistence would exec() the module source stored in the pickle; we keep only name and state
                ('torch_utils.persistence', '_reconstruct_persistent_obj'): lambda meta: _Stub(meta['class_name'], meta['state']),
                ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype,
-               ('numpy.core.multiarray', 'scalar'): lambda dt, b: np.frombuffer(b, dt)[0],
-               ('numpy._core.multiarray', 'scalar'): lambda dt, b: np.frombuffer(b, dt)[0],
+               **{(m, 'scalar'): lambda dt, b: np.frombuffer(b, dt)[0] for m in ('numpy.core.multiarray', 'numpy._core.multiarray')},
                ('builtins', 'set'): set, ('__builtin__', 'set'): set, ('_codecs', 'encode'): lambda s, enc: s.encode(enc)}
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED: return self.ALLOWED[module, name]
@@ -412,8 +412,7 @@ def load_cifar10(root):
     if not os.path.isdir(folder):
         from torchvision.datasets.utils import download_and_extract_archive
         try: download_and_extract_archive(CIFAR_URL, root, md5='c58f30108f718f92721af3b95e74349a')
-        except Exception as e:
-            raise SystemExit(f'error: could not download CIFAR-10 ({e}). Put {CIFAR_URL} into {root} (it is extracted to {folder})')
+        except Exception as e: raise SystemExit(f'error: could not download CIFAR-10 ({e}). Put {CIFAR_URL} into {root} (it is extracted to {folder})')
     batches = [pickle.load(open(os.path.join(folder, f'data_batch_{i}'), 'rb'), encoding='latin1') for i in range(1, 6)]
     x = np.concatenate([np.asarray(b['data'], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
     return torch.from_numpy(x), torch.tensor(sum((list(b['labels']) for b in batches), []))
@@ -552,7 +551,8 @@ class Ctx:
         """backward; average the gradients over ranks (one all-reduce of a flat buffer); step."""
         opt.zero_grad(set_to_none=True); loss.backward()
         if self.world > 1:
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]) / self.world
+            params = [p for p in params if p.grad is not None]                # skips, e.g., a discriminator's unused decoder
+            flat = torch.cat([p.grad.flatten() for p in params]) / self.world
             torch.distributed.all_reduce(flat)
             for p, g in zip(params, flat.split([q.numel() for q in params])): p.grad = g.view_as(p)
         opt.step()
@@ -665,7 +665,9 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
             state['step'] += 1; state['kimg'] += cfg.batch / 1000; bar.update(min(cfg.batch / 1000, bar.total - bar.n))
             done, due, snap = state['kimg'] >= cfg.kimg, state['kimg'] >= state['next_eval'], state['kimg'] >= state['next_ckpt']
             if state['step'] % cfg.log_every == 0 or done or due or snap:         # losses are checked before any checkpoint
-                vals = torch.stack(pending).cpu(); pending = []                  # the loop's only host sync
+                vals, pending = torch.stack(pending) / ctx.world, []             # the loop's only host sync; losses are averaged
+                if ctx.world > 1: torch.distributed.all_reduce(vals)             # over ranks, so a NaN on any rank stops them all
+                vals = vals.cpu()
                 if not torch.isfinite(vals).all():
                     r, c = (~torch.isfinite(vals)).nonzero()[0].tolist()
                     raise FloatingPointError(f"{list(losses)[c]} is {vals[r, c].item()} at step {state['step'] - len(vals) + r + 1}")
@@ -677,11 +679,9 @@ def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
                 evaluate(final=done); t0 = time.time()                          # keep eval time out of ms/step
             if due or done or snap:
                 state['next_ckpt'] = state['kimg'] + cfg.eval_every / 5; checkpoint()
-    except KeyboardInterrupt:
-        raise SystemExit(f"interrupted at step {state['step']}; continue from the last checkpoint {ckpt_path} with --resume")
-    except FloatingPointError as e:
-        raise SystemExit(f"error: {e}; stopped. The last good checkpoint is {ckpt_path}"
-                         f"{'' if os.path.exists(ckpt_path) else ' (none written yet)'}: --resume with a lower --lr or --precision fp32")
+    except KeyboardInterrupt: raise SystemExit(f"interrupted at step {state['step']}; continue from the last checkpoint {ckpt_path} with --resume")
+    except FloatingPointError as e: raise SystemExit(f"error: {e}; stopped. The last good checkpoint is {ckpt_path}"
+                                                     f"{'' if os.path.exists(ckpt_path) else ' (none written yet)'}: --resume with a lower --lr or --precision fp32")
     bar.close()
     if ctx.ddp: torch.distributed.barrier()
     return dict(state, nets=nets)
@@ -732,7 +732,7 @@ def sample_weight(l, h, lam=5.0, group=0, clamp=0.0):
 
 def disc_logit(psi, x_t, sigma, c=None):
     """Discriminator D_eta = sigmoid(l) on a copy of the teacher (SiDA style): l_t(x_t) = mean of the bottleneck features."""
-    return psi(x_t, sigma, c, return_features=True)[1].flatten(1).mean(1)
+    return psi(x_t, sigma, c, return_features='only')[1].flatten(1).mean(1)          # the encoder alone: no decoder pass
 
 def disc_loss(l_real, l_fake):   # Eq. (5), D = sigmoid(l): -log D(x_gt,t) - log(1 - D(G(eps)_t)); optimum l* = log p_t/q_t
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()

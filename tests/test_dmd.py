@@ -67,6 +67,21 @@ def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path, toy_teacher):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], v) for k, v in toy_teacher.state_dict().items())   # and they did train
 
+def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path, toy_teacher):
+    """A NaN loss on rank 1 alone, at a logging step: the logged losses are averaged over ranks, so both ranks see it
+    and stop with the same error (before, rank 0 logged a finite loss and went on while rank 1 stopped)."""
+    driver = tmp_path / 'driver.py'
+    driver.write_text(f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); import dmd\n"
+                      "orig, calls = dmd.dmd_loss, [0]\n"
+                      "def loss(*a):\n"
+                      "    calls[0] += 1\n"
+                      "    return orig(*a) * (float('nan') if os.environ['RANK'] == '1' and calls[0] == 5 else 1.0)\n"
+                      "dmd.dmd_loss = loss\n"
+                      f"dmd.main(['--data', 'toy', '--out', {str(tmp_path / 'ddp')!r}, '--kimg', '2', '--batch', '128', '--log-every', '5', '--lambda-reg', '0'])\n")
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode != 0 and (r.stdout + r.stderr).count('error: loss_dm is nan at step 5') == 2, r.stderr[-3000:]
+
 def test_bench_reports_step_time_and_flops():
     r = run('dmd', '--bench', '1', '--batch', '2', '--device', 'cpu', timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

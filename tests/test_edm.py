@@ -43,6 +43,20 @@ def test_denoiser_is_identity_as_sigma_goes_to_zero():
     errs = [(net(x, s) - x).abs().max().item() for s in (1e-2, 1e-4, 1e-6)]
     assert errs[0] > 1e-4 and errs[2] < 1e-5 and errs[0] > errs[1] > errs[2]
 
+
+def test_encoder_only_features_skip_the_decoder():
+    """return_features='only' (the discriminators of dibregman/gan_only) gives the full pass's bottleneck features, runs
+    no decoder (fewer FLOPs, no decoder gradients), and still gives input gradients (R1, the generator's GAN term)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    net = dmd.EDMPrecond(model_channels=16).eval()                    # eval: no dropout, so both passes are comparable
+    x, s = torch.randn(2, 3, 32, 32, requires_grad=True), torch.tensor([0.5, 5.0])
+    with FlopCounterMode(display=False) as full: D, feat = net(x, s, return_features=True)
+    with FlopCounterMode(display=False) as enc: D0, feat0 = net(x, s, return_features='only')
+    assert D0 is None and torch.equal(feat, feat0) and feat0.shape == (2, 32, 8, 8)
+    assert enc.get_total_flops() < 0.5 * full.get_total_flops()         # the decoder is the larger half of DDPM++
+    feat0.mean().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for n, p in net.named_parameters() if '.dec.' in n)
 # ---- a pickle in the format of EDM's training loop, built here --------------------------------
 # EDM saves dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...) with pickle; its networks
 # are "persistent" objects that pickle as torch_utils.persistence._reconstruct_persistent_obj(meta),

@@ -15,6 +15,8 @@ FAULTS = [  # (fault, outcome, test that asserts it)
      'test_faults.py::test_crash_while_writing_a_checkpoint_keeps_the_previous_one'),
     ('NaN in the weights (injected at step 20)', 'stops with "loss_... is nan at step 20" and the path of the last good checkpoint, whose weights are finite',
      'test_faults.py::test_nan_weights_stop_the_run_with_step_and_checkpoint'),
+    ('NaN loss on one process of a multi-GPU (`torchrun`) run', 'losses are averaged over processes before the check, so every process stops with the same message',
+     'test_dmd.py::test_ddp_nan_on_one_rank_stops_every_rank'),
     ('new run into an `--out` that holds a run', 'refused, one line: pass `--resume` or choose another `--out`', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
     ('`--resume` with other settings than the checkpoint (`--h`, `--ema-kimg`, ...; `--lr`, `--precision`, `--kimg` may change)',
      'refused, one line naming the flags that differ', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
