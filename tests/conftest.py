@@ -29,12 +29,12 @@ def run(script, *args, timeout=900, cwd=None):
     return subprocess.run([sys.executable, str(ROOT / f'{script}.py'), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd or ROOT)
 
-def toy_metrics(script, out, *args):
-    """Run `script.py --data toy`, as the README says, and score its saved one-step samples."""
+def toy_metrics(script, out, *args, samples=''):
+    """Run `script.py --data toy`, as the README says, and score its saved one-step samples (in out/samples)."""
     import dmd
     r = run(script, '--data', 'toy', '--out', out, *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    return dmd.GaussianMixture2D().metrics(torch.from_numpy(np.load(os.path.join(out, 'toy_samples.npy'))))
+    return dmd.GaussianMixture2D().metrics(torch.from_numpy(np.load(os.path.join(out, samples, 'toy_samples.npy'))))
 
 def matches_mixture(m):
     return m['mode_tv'] < MODE_TV_MAX and m['precision'] > PRECISION_MIN

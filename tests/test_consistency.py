@@ -2,6 +2,7 @@
 parameterisation meets the boundary condition bit-exactly, the teacher's Heun step has the expected order, and
 toy CD matches the mixture in one step (the untrained student does not), with two steps no worse."""
 import os
+import numpy as np
 import pytest
 import torch
 from conftest import matches_mixture, toy_metrics
@@ -98,7 +99,8 @@ def test_ct_curriculum_and_sigma_pairs():
 def test_toy_cd_matches_mixture_and_two_steps_are_no_worse(tmp_path, toy_teacher):
     out = tmp_path / 'cd'
     m1 = toy_metrics('consistency', out)                                             # the README's command: CD, 1 step
-    m2 = toy_metrics('consistency', out, '--eval-only', '--sample-steps', '2')      # the same G_ema, 2 steps
+    m2 = toy_metrics('consistency', out, '--eval-only', '--sample-steps', '2', samples='eval_2step')   # the same G_ema, 2 steps
+    assert cm.GaussianMixture2D().metrics(torch.from_numpy(np.load(out / 'toy_samples.npy'))) == m1   # the run's samples are kept
     assert matches_mixture(m1), m1
     assert m2['mode_tv'] < m1['mode_tv'] + 0.01 and m2['precision'] > m1['precision'] - 0.02, (m1, m2)
     z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
