@@ -30,7 +30,7 @@ def run(script, *args, timeout=900, cwd=None):
                           text=True, timeout=timeout, cwd=cwd or ROOT)
 
 def toy_metrics(script, out, *args, samples=''):
-    """Run `script.py --data toy`, as the README says, and score its saved one-step samples (in out/samples)."""
+    """Run `script.py --data toy`, as the README says, and score the samples it saved in out (or out/samples)."""
     import dmd
     r = run(script, '--data', 'toy', '--out', out, *args)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,6 +1,7 @@
 """DMD: the loss identity, the toy distillation, a tiny CIFAR-shaped run through FID and exact
 resume, DDP with two gloo ranks, and --bench."""
 import json, os, subprocess, sys, types
+import pytest
 import torch
 import dmd
 from conftest import ROOT, fake_extractor, make_fake_cifar, matches_mixture, run, toy_metrics
@@ -55,17 +56,18 @@ def test_ranks_share_the_random_teacher_but_draw_their_own_noise(tmp_path):
     assert all(torch.equal(t0[k], t1[k]) for k in t0)                  # the same teacher (so the same G) on every rank
     assert not torch.equal(z0, z1) and not torch.equal(x0, x1)          # but different noise and real images
 
-def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path, toy_teacher):
+@pytest.mark.parametrize('script, args', [('dmd', ['--reg-pairs', '256']), ('gan_only', [])])   # gan_only: its discriminator's
+def test_ddp_two_gloo_ranks_stay_in_sync(script, args, tmp_path, toy_teacher):                   # unused layers get no gradient
     driver = tmp_path / 'driver.py'
-    driver.write_text(f"import os, sys, torch; sys.path.insert(0, {str(ROOT)!r}); import dmd\n"
-                      f"res = dmd.train(dmd.get_config(['--data', 'toy', '--out', {str(tmp_path / 'ddp')!r}, '--kimg', '2', '--batch', '128', '--eval-every', '2', '--reg-pairs', '256']))\n"
-                      f"torch.save(res['nets']['G'].state_dict(), os.path.join({str(tmp_path)!r}, 'G_rank' + os.environ['RANK'] + '.pt'))\n")
+    driver.write_text(f"import os, sys, torch; sys.path.insert(0, {str(ROOT)!r}); import {script} as m\n"
+                      f"res = m.train(m.get_config(['--data', 'toy', '--out', {str(tmp_path / 'ddp')!r}, '--kimg', '2', '--batch', '128', '--eval-every', '2', *{args!r}]))\n"
+                      f"torch.save({{k: n.state_dict() for k, n in res['nets'].items()}}, os.path.join({str(tmp_path)!r}, 'G_rank' + os.environ['RANK'] + '.pt'))\n")
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver)],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(tmp_path / 'G_rank0.pt'), torch.load(tmp_path / 'G_rank1.pt')
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], v) for k, v in toy_teacher.state_dict().items())   # and they did train
+    assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])                  # every network, every tensor
+    assert not all(torch.equal(a['G'][k], v) for k, v in toy_teacher.state_dict().items())   # and they did train
 
 def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path, toy_teacher):
     """A NaN loss on rank 1 alone, at a logging step: the logged losses are averaged over ranks, so both ranks see it
