@@ -1,34 +1,32 @@
 """
 dibregman.py -- Di-Bregman: one-step distillation of the EDM CIFAR-10 teacher by Bregman density-ratio matching.
 
-A one-step generator G_theta(z) = D_theta(sigma_max z, sigma_max) starts as a copy of the teacher and follows DMD's
-score difference (frozen teacher phi minus an auxiliary denoiser psi trained on G's samples) on its noised samples x_t,
-each sample weighted by h''(r) r, where r = q_t/p_t is the generator-to-data density ratio and h the convex function of
-the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq. 4). r = e^{-l} comes from a discriminator whose logit l is the mean
-of psi's encoder features (SiDA style), trained on real images against G's samples (Eq. 5); h = KL gives weight 1, DMD.
-Paper: Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching", arXiv 2510.16983 (seed 001).
+A one-step generator G_theta, a copy of the teacher, follows DMD's score difference (the frozen teacher phi minus an
+auxiliary denoiser psi trained on G's samples) on its noised samples x_t, each weighted by h''(r) r: r = q_t/p_t is
+the generator-to-data density ratio and h the convex function of the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq.
+4); h = KL gives weight 1, DMD. r = e^{-l}, l the logit of a discriminator on psi's encoder (SiDA) trained on real
+images against G's samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching",
+arXiv 2510.16983 (seed 001); Algorithm 1 and Table 1 are cited below.
 
-    python dibregman.py --h sba --lam 5             # CIFAR-10 uncond on one H100, official EDM teacher (the paper's h)
-    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, about a minute; any h of Table 1: lr kl be ls sba
-Expected: CIFAR-10, the paper's one-step FID is 3.61 (clean-fid, SBA lambda 5, uncond). Toy, ~47 s on 2 CPU cores (README
-gallery): lr and be match the mixture; kl, ls, sba 5 do not down-weight r > 1: mode-seeking, they misweight the modes.
+    python dibregman.py --h sba --lam 5             # CIFAR-10 uncond on one H100: the paper's run (fp32, see below)
+    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, about 80 s; any h: lr kl be ls sba
+Expected: CIFAR-10, the paper's one-step FID is 3.61 (clean-fid, SBA lambda 5, uncond). Toy: lr and be match the
+mixture; kl and sba 5 keep the eight modes but freeze their proportions (README: "Di-Bregman on the toy").
+Code: bregman_weight (Table 1's h''(r) r at r = e^{-l}), disc_logit and disc_loss (eta, Eq. 5), dibregman_loss (Eq.
+4; w(t) = sigma^2 / mean|D_phi - x|, DMD's), loss_fake (psi, lines 16-18), loss_gan (line 12, --w-gan).
 
-code                 paper (seed 001)
-G, teacher, fake     x_theta = G_theta(eps) (G_ema: its EMA), phi (frozen), the auxiliary psi; s = (D(x_t) - x_t) / sigma^2
-disc_logit(fake, .)  l_t(x): discriminator eta = mean of psi's encoder bottleneck (toy: a linear head, --disc-head)
-disc_loss, bregman_weight  Eq. (5), D_eta = sigmoid(l), optimum l* = log p_t/q_t, r_t = e^{-l}; h''(r) r of Table 1 in l
-dibregman_loss       Eq. (4) as a stop-gradient loss: d/dx = w (s_psi - s_phi) w(t), w(t) = sigma^2 / mean|D_phi - x| (DMD)
-loss_gan, loss_fake  -log D_eta(x_t) (line 12, --w-gan); psi's denoising loss on x_theta (lines 16-18), summed with Eq. (5)
-
-Changes relative to dmd.py: the weight in the generator loss, the discriminator on psi's encoder and its loss, real
-data in the loop, no regression anchor (the paper has none), psi trained on the generator step's x_theta.
-Departures from the paper: --weight-group K samples share one sigma and h''(r) r is divided by its mean over them
-(K softmax(log w): finite, at most K), an estimate of E_q_t[h''(r) r], so a choice of Eq. (4)'s free w(t); the paper
-states no normaliser. --logit-clamp (off) bounds |l|. t ~ U[0, 1] is sigma = karras(u), u in [0.02, 0.98]; t'' ~
-U[0, 0.95] is u = 1 - t'' (sigma 60.6 .. 0.002); w(t) is DMD's normaliser; CIFAR-10 defaults are dmd.py's (ours); the
-paper's appendix D distils an NCSN++ network, ours the DDPM++ teacher (the only SongUNet path kept here).
+CIFAR-10 defaults. Paper (Algorithm 1, Eq. 4-5): t ~ U[0, 1] for Eq. (4) (sigma = karras(u), u in [0.02, 0.98]),
+t'' ~ U[0, 0.95] for Eq. (5) (u = 1 - t''), no GAN term. SiDA, the framework the paper names (mingyuanzhou/SiD,
+branch sida, run_sida.sh): G(z) = D(2.5 z, 2.5) (--init-sigma), batch 256, lr 1e-5 for G and for psi + eta, Adam
+(0, 0.999), eps 1e-8, EMA half-life 500 kimg, psi's loss at EDM's lognormal sigma and weight summed over a sample,
+fp32 without TF32 (--precision fp32; bf16 is far faster). Ours: --kimg 20000 (SiDA: 300000), --weight-group 8, an
+unweighted Eq. (5). The toy keeps what works there: G(z) = D(80 z, 80), batch 512, lr 3e-4, a linear head, and
+for stable proportions 1200 kimg, --weight-group 32 and an EMA of 50 kimg.
+Departures: --weight-group K samples share sigma, h''(r) r divided by its mean over them (a choice of Eq. 4's free
+w(t)); one logit per sample (SiDA: per 8 x 8 position); no EMA ramp-up, no augmentation for psi (SiDA: p = 0.12);
+the DDPM++ teacher (appendix D distils NCSN++).
 """
-import argparse, collections, contextlib, copy, inspect, io, json, math, os, pickle, random, resource, signal, time
+import argparse, collections, copy, functools, inspect, io, json, math, os, pickle, resource, signal, time
 import numpy as np
 import torch
 import torch.nn as nn
@@ -36,764 +34,766 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Config: shared flags from add_shared_args(), then Di-Bregman's flags; defaults that differ by --data in DEFAULTS.
+# Config: the shared flags (parser), then Di-Bregman's; DEFAULTS holds the defaults that differ by --data.
 
-DEFAULTS = {'cifar10': dict(kimg=20000, batch=64, lr=5e-5, ema_kimg=500, eval_every=1000, log_every=100, disc_head='mean'),
-            'toy': dict(kimg=600, batch=512, lr=3e-4, ema_kimg=5, eval_every=200, log_every=200, disc_head='linear')}
+DEFAULTS = {'cifar10': dict(kimg=20000, batch=256, lr=1e-5, ema_kimg=500, eval_every=1000, log_every=100,
+                            init_sigma=2.5, precision='fp32', disc_head='mean', weight_group=8),
+            'toy': dict(kimg=1200, batch=512, lr=3e-4, ema_kimg=50, eval_every=60, log_every=200, init_sigma=80.0,
+                        precision='auto', disc_head='linear', weight_group=32)}
 
 def get_config(argv=None):
-    p = argparse.ArgumentParser(prog=os.path.basename(__file__), description='Di-Bregman: Bregman density-ratio matching distillation of an EDM teacher.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_args(p)
-    g = p.add_argument_group('Di-Bregman')
-    g.add_argument('--h', choices=['lr', 'kl', 'be', 'ls', 'sba'], default='sba', help="convex h of Table 1; weight h''(r) r: lr 1/(1+r), kl 1 (= DMD), be 1/r, ls r, sba r^lam")
-    g.add_argument('--lam', type=_typed(float, lambda v: True, 'a number'), default=5.0, help='lambda of SBA (appendix F: 3, 5, 10 best, -1 worst)')
-    g.add_argument('--w-gan', type=nonneg_float, default=0.0, help='weight of the generator GAN term -log D(x_t) (0 = off, as in the paper)')
-    g.add_argument('--weight-group', type=nonneg_int, default=8, help="K samples share one sigma and h''(r) r is divided by its mean over them (0: raw weights)")
-    g.add_argument('--logit-clamp', type=nonneg_float, default=0.0, help='clamp |l| to this before the weight (0 = off; ours)')
-    g.add_argument('--disc-head', choices=['mean', 'linear'], help="logit = mean of psi's bottleneck (SiDA), or a linear map of its channel means initialised to that mean")
-    g.add_argument('--lr-fake', type=pos_float, default=None, help='learning rate of psi and its discriminator (default: --lr)')
+    p = parser(__file__, 'Di-Bregman: Bregman density-ratio matching distillation.')
+    A = p.add_argument_group('Di-Bregman').add_argument
+    A('--h', choices=['lr', 'kl', 'be', 'ls', 'sba'], default='sba',
+      help="convex h of Table 1; weight h''(r) r: lr 1/(1+r), kl 1 (= DMD), be 1/r, ls r, sba r^lam")
+    A('--lam', type=number(float, lambda v: True, 'a number'), default=5.0, help='SBA lambda (appendix F: 3-10 best)')
+    A('--init-sigma', type=pos_float, help='G(z) = D(sigma z, sigma) (SiDA: 2.5)')
+    A('--w-gan', type=nonneg_float, default=0.0, help='weight of the GAN term -log D(x_t) of G (0: off, as the paper)')
+    A('--weight-group', type=nonneg_int, help="K samples share sigma and the mean of h''(r) r (0: raw)")
+    A('--disc-head', choices=['mean', 'linear'], help="logit: the mean of psi's bottleneck, or a linear map of it")
+    A('--lr-fake', type=pos_float, help='learning rate of psi and its discriminator (default: --lr)')
     cfg = finish_config(p, argv, DEFAULTS)
-    if cfg.h != 'kl' and cfg.weight_group and cfg.batch % (cfg.weight_group * int(os.environ.get('WORLD_SIZE', 1))):   # per process
-        p.error(f'--batch {cfg.batch} must be a multiple of --weight-group {cfg.weight_group} times the number of processes')
+    if cfg.h != 'kl' and cfg.weight_group and cfg.batch % cfg.weight_group:
+        p.error(f'--batch {cfg.batch} must be a multiple of --weight-group {cfg.weight_group}')
     return cfg
 
+# -----------------------------------------------------------------------------
+# Di-Bregman: Table 1's weight, the discriminator on psi's encoder, the losses. Each works on tensors of any shape
+# (images or 2-D points); l is one logit per sample.
+
+def log_bregman_weight(l, h, lam=5.0):
+    """log h''(r) r at r = e^{-l}: Table 1's last column, h''(e^{-l}) e^{-l}, in logs."""
+    if h == 'lr': return F.logsigmoid(l)                        # 1 / (1 + r) = sigmoid(l)
+    if h == 'kl': return torch.zeros_like(l)                    # 1
+    if h == 'be': return l                                      # 1 / r = e^l
+    if h == 'ls': return -l                                     # r = e^{-l}
+    return -lam * l                                             # sba: r^lam = e^{-lam l}
+
+def bregman_weight(l, h, lam=5.0):
+    return log_bregman_weight(l, h, lam).exp()
+
+def sample_weight(l, h, lam=5.0, group=0):
+    """The stop-gradient weight of Eq. (4), h''(r) r, divided by its mean over each run of `group` samples (which
+    share sigma; see the docstring): group softmax(log w), finite and at most `group`."""
+    logw = log_bregman_weight(l.detach().float(), h, lam)
+    if not group: return logw.exp()
+    logw = logw.reshape(-1, group)
+    return (logw - logw.logsumexp(1, keepdim=True) + math.log(group)).exp().flatten()
+
+def disc_logit(psi, x_t, sigma, c=None, with_D=False):
+    """The discriminator eta on psi's encoder (appendix D, SiDA): l_t(x_t) = the mean of the bottleneck features.
+    with_D: also psi's denoiser output, from the same pass; otherwise the encoder runs alone."""
+    D_x, feat = psi(x_t, sigma, c, return_features=True if with_D else 'only')
+    head = getattr(psi, 'disc_head', None)                      # --disc-head linear: w . (channel means) + b
+    l = feat.flatten(1).mean(1) if head is None else head(feat.reshape(*feat.shape[:2], -1).mean(2))[:, 0]
+    return (l, D_x) if with_D else l
+
+def disc_loss(l_real, l_fake):
+    """Eq. (5) with D = sigmoid(l): -log D(x_gt, t) - log(1 - D(G(eps)_t)); its optimum is l* = log p_t / q_t."""
+    return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
+
+def dibregman_loss(x, D_real, D_fake, w):
+    """Eq. (4), Di-Bregman: per sample, the gradient with respect to x is
+        grad = w (s_fake - s_real) sigma^2 / mean|D_real - x| = w (D_fake - D_real) / mean|x - D_real|,
+    dmd.py's dmd_loss gradient times the weight w = sg(h''(r) r) (w = 1: exactly DMD's)."""
+    dims = tuple(range(1, x.ndim))
+    grad = torch.nan_to_num((D_fake - D_real) / (x - D_real).abs().mean(dims, keepdim=True).clamp_min(1e-6))
+    grad = w.detach().reshape(-1, *[1] * (x.ndim - 1)) * grad    # not nan_to_num'ed: an inf weight stops the run
+    return 0.5 * F.mse_loss(x, (x - grad).detach())              # L = 1/2 ||x - sg(x - grad)||^2
+
+# -----------------------------------------------------------------------------
+# Training: Algorithm 1 -- the generator (lines 3-14), then psi and its discriminator eta (lines 15-22).
+
+def train(cfg, extract=None):
+    world = World(cfg, extract)
+    G, fake = [copy.deepcopy(world.teacher).requires_grad_(True) for _ in range(2)]   # theta, psi <- phi (line 1)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)                            # (eval mode: no dropout)
+    if cfg.disc_head == 'linear':                                # eta's own parameters, starting as the mean head
+        C = world.teacher(torch.zeros(1, *world.shape, device=world.device), 1.0, return_features=True)[1].shape[1]
+        fake.disc_head = nn.Linear(C, 1).to(world.device)
+        nn.init.constant_(fake.disc_head.weight, 1 / C)
+        nn.init.zeros_(fake.disc_head.bias)
+    adam = functools.partial(torch.optim.Adam, betas=(0.0, 0.999), eps=1e-8, fused=world.device.type == 'cuda')
+    opt_G, opt_fake = adam(G.parameters(), lr=cfg.lr), adam(fake.parameters(), lr=cfg.lr_fake or cfg.lr)
+    G_c, fake_c, teacher_c = world.compiled(G), world.compiled(fake), world.compiled(world.teacher)
+    B, K = cfg.batch, max(cfg.weight_group * (cfg.h != 'kl'), 1)   # K samples share one sigma and their weights' mean
+
+    def step():
+        # The generator update (lines 3-14).
+        z, c = world.noise(B)
+        x = generate(G_c, z, c, cfg.init_sigma)                  # x_theta = G_theta(eps)
+        sigma = as_sigma(sample_sigma(B // K, world.device).repeat_interleave(K), x)
+        n = torch.randn_like(x)
+        x_t = x.detach() + sigma * n                             # x_t ~ q_t|0(x_t | x_theta)
+        with torch.no_grad():
+            D_real = teacher_c(x_t, sigma, c)                    # s_phi through the teacher's denoiser
+            l, D_fake = disc_logit(fake_c, x_t, sigma, c, with_D=True)   # s_psi and the logit l_t(x_t), one pass
+        w = sample_weight(l, cfg.h, cfg.lam, K * (K > 1))        # h''(r) r, r = e^{-l}
+        losses = dict(loss_dm=dibregman_loss(x, D_real, D_fake, w))     # Eq. (4), Di-Bregman
+        loss_G = losses['loss_dm']
+        if cfg.w_gan > 0:
+            losses['loss_gan'] = F.softplus(-disc_logit(fake_c, x + sigma * n, sigma, c)).mean()   # -log D, line 12
+            loss_G = loss_G + cfg.w_gan * losses['loss_gan']     # L_gen = L_Di-Bregman + w_GAN L_GAN (line 14)
+        world.step(opt_G, loss_G)
+        ema_update(G_ema, G, B, cfg.ema_kimg)
+        # psi (its denoising loss on x_theta, lines 16-18) and eta on psi's encoder (Eq. 5, lines 19-22): one step.
+        x, (x_gt, c_gt) = x.detach(), world.real(B)
+        s = as_sigma(sample_sigma(B, world.device, 0.05, 1.0), x)   # t'' ~ U[0, 0.95] -> u = 1 - t'' on the ramp
+        x2 = torch.cat([x_gt, x]) + torch.cat([s, s]) * torch.randn(2 * B, *x.shape[1:], device=x.device)
+        l_real, l_fake = disc_logit(fake_c, x2, torch.cat([s, s]), None if c is None else torch.cat([c_gt, c])).chunk(2)
+        losses['loss_disc'] = disc_loss(l_real, l_fake)         # Eq. (5), Di-Bregman
+        sigma_fake = (torch.randn(B, device=world.device) * 1.2 - 1.2).exp()   # SiDA: EDM's lognormal sigma
+        losses['loss_fake'] = edm_loss(fake_c, x, sigma_fake, c) * x[0].numel()   # summed over a sample, as SiDA
+        world.step(opt_fake, losses['loss_fake'] + losses['loss_disc'])
+        losses['ess'] = w.mean() ** 2 / (w ** 2).mean()          # the weights' effective sample size, as a fraction
+        return losses
+
+    def sampler(z, c):
+        return generate(G_ema, z, c, cfg.init_sigma)
+    return fit(cfg, world, dict(G=G, fake=fake, G_ema=G_ema), dict(G=opt_G, fake=opt_fake), step, sampler)
+
+def main(argv=None):
+    train(get_config(argv))
+
+# ==== Everything below is identical in all five scripts: EDM network, EDM teacher, toy world, evaluation, run plumbing
+
 # === BEGIN SHARED: EDM network ===
-# A compact DDPM++ SongUNet with EDM preconditioning (Karras et al. 2022, Table 1), whose names follow the official
-# pickles so their weights load strictly; only the DDPM++ path of EDM's SongUNet is kept.
+# DDPM++ SongUNet and EDM's preconditioning (Karras et al. 2022), written anew with the official pickles' parameter
+# names, so that their weights load strictly. --teacher random (tests, --bench) uses PyTorch's init, not EDM's.
 
-def xavier(shape, gain=1.0):   # EDM's xavier_uniform init, times gain (1e-5 for its "init_zero" layers)
-    rf = math.prod(shape[2:])
-    return nn.Parameter(gain * math.sqrt(6 / ((shape[0] + shape[1]) * rf)) * (torch.rand(shape) * 2 - 1))
-
-class Linear(nn.Module):
-    def __init__(self, fin, fout, bias=True):
-        super().__init__()
-        self.weight, self.bias = xavier([fout, fin]), nn.Parameter(torch.zeros(fout)) if bias else None
-    def forward(self, x): return F.linear(x, self.weight, self.bias)
-
-class Conv2d(nn.Module):
-    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
-        super().__init__()
+class Conv2d(nn.Conv2d):
+    """EDM's Conv2d, resampling 2x first (its [1, 1] filter, kept as a buffer: nearest up, average down)."""
+    def __init__(self, cin, cout, kernel, up=False, down=False):
+        super().__init__(cin, cout, kernel, padding=kernel // 2)
         self.up, self.down = up, down
-        self.weight = xavier([cout, cin, kernel, kernel], gain) if kernel else None
-        self.bias = nn.Parameter(torch.zeros(cout)) if kernel else None
-        # EDM stores its 2x2 box filter as a buffer; kept so that state_dicts match. Resampling with
-        # it equals nearest-neighbour upsampling and 2x2 average pooling, which is what we run.
         self.register_buffer('resample_filter', torch.full([1, 1, 2, 2], 0.25) if up or down else None)
     def forward(self, x):
         if self.up: x = F.interpolate(x, scale_factor=2, mode='nearest')
         if self.down: x = F.avg_pool2d(x, 2)
-        return F.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2) if self.weight is not None else x
+        return super().forward(x)
 
-def GroupNorm(c): return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+def GroupNorm(c):
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
 
 class UNetBlock(nn.Module):
     """Residual block, optionally resampling, optionally followed by one-head self-attention."""
     def __init__(self, cin, cout, emb, up=False, down=False, attention=False, dropout=0.0):
         super().__init__()
-        self.in_channels, self.out_channels, self.dropout, self.attention = cin, cout, dropout, attention
+        self.in_channels, self.dropout, self.attention = cin, dropout, attention
         self.norm0, self.conv0 = GroupNorm(cin), Conv2d(cin, cout, 3, up=up, down=down)
-        self.affine, self.norm1, self.conv1 = Linear(emb, cout), GroupNorm(cout), Conv2d(cout, cout, 3, gain=1e-5)
+        self.affine, self.norm1, self.conv1 = nn.Linear(emb, cout), GroupNorm(cout), Conv2d(cout, cout, 3)
         self.skip = Conv2d(cin, cout, 1, up=up, down=down) if cin != cout or up or down else None
         if attention:
-            self.norm2, self.qkv, self.proj = GroupNorm(cout), Conv2d(cout, 3 * cout, 1, gain=math.sqrt(0.2)), Conv2d(cout, cout, 1, gain=1e-5)
-
+            self.norm2, self.qkv, self.proj = GroupNorm(cout), Conv2d(cout, 3 * cout, 1), Conv2d(cout, cout, 1)
     def forward(self, x, emb):
         h = self.conv0(F.silu(self.norm0(x)))
         h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
         h = self.conv1(F.dropout(h, self.dropout, self.training))
-        x = (h + (self.skip(x) if self.skip is not None else x)) * math.sqrt(0.5)
+        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
         if self.attention:
             B, C, H, W = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(B, C, 3, H * W).transpose(1, 3).unbind(2)  # (B, HW, C) each
-            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]        # softmax(q k^T / sqrt C) v
+            q, k, v = self.qkv(self.norm2(x)).reshape(B, C, 3, H * W).transpose(1, 3).unbind(2)   # (B, HW, C) each
+            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]   # softmax(q k^T / sqrt C) v
             x = (self.proj(a.transpose(1, 2).reshape(B, C, H, W)) + x) * math.sqrt(0.5)
         return x
 
 class SongUNet(nn.Module):
-    """DDPM++ U-Net F(x, c_noise). Defaults are EDM's CIFAR-10 configuration (55.7M parameters)."""
+    """The DDPM++ U-Net F(x, c_noise); the defaults are EDM's CIFAR-10 configuration (55.7M parameters)."""
     def __init__(self, img_resolution=32, in_channels=3, out_channels=3, label_dim=0, augment_dim=9,
                  model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.13):
         super().__init__()
-        emb, mc = 4 * model_channels, model_channels
-        self.map_label = Linear(label_dim, mc) if label_dim else None
-        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
-        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
-        self.enc, skips, c = nn.ModuleDict(), [], in_channels
+        mc, emb, c, skips = model_channels, 4 * model_channels, in_channels, []
+        block = functools.partial(UNetBlock, emb=emb, dropout=dropout)
+        self.map_label = nn.Linear(label_dim, mc) if label_dim else None
+        self.map_augment = nn.Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0, self.map_layer1 = nn.Linear(mc, emb), nn.Linear(emb, emb)
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
-            if level == 0: self.enc[f'{res}x{res}_conv'], c = Conv2d(c, mc, 3), mc
-            else: self.enc[f'{res}x{res}_down'] = UNetBlock(c, c, emb, down=True, dropout=dropout)
+            if level == 0:
+                self.enc[f'{res}x{res}_conv'] = Conv2d(c, mc, 3)
+                c = mc
+            else:
+                self.enc[f'{res}x{res}_down'] = block(c, c, down=True)
             skips.append(c)
             for i in range(num_blocks):
-                self.enc[f'{res}x{res}_block{i}'] = UNetBlock(c, mc * mult, emb, attention=res in attn_resolutions, dropout=dropout)
-                c = mc * mult; skips.append(c)
-        self.dec = nn.ModuleDict()
+                self.enc[f'{res}x{res}_block{i}'] = block(c, mc * mult, attention=res in attn_resolutions)
+                c = mc * mult
+                skips.append(c)
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(c, c, emb, attention=True, dropout=dropout)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(c, c, emb, dropout=dropout)
+                self.dec[f'{res}x{res}_in0'] = block(c, c, attention=True)
+                self.dec[f'{res}x{res}_in1'] = block(c, c)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(c, c, emb, up=True, dropout=dropout)
+                self.dec[f'{res}x{res}_up'] = block(c, c, up=True)
             for i in range(num_blocks + 1):
-                self.dec[f'{res}x{res}_block{i}'] = UNetBlock(c + skips.pop(), mc * mult, emb,
-                                                               attention=i == num_blocks and res in attn_resolutions, dropout=dropout)
+                attention = i == num_blocks and res in attn_resolutions
+                self.dec[f'{res}x{res}_block{i}'] = block(c + skips.pop(), mc * mult, attention=attention)
                 c = mc * mult
         self.dec[f'{img_resolution}x{img_resolution}_aux_norm'] = GroupNorm(c)
-        self.dec[f'{img_resolution}x{img_resolution}_aux_conv'] = Conv2d(c, out_channels, 3, gain=1e-5)
-
-    def forward(self, x, c_noise, class_labels=None, decode=True):
-        half = self.map_layer0.weight.shape[1] // 2                      # positional embedding of c_noise
+        self.dec[f'{img_resolution}x{img_resolution}_aux_conv'] = Conv2d(c, out_channels, 3)
+    def forward(self, x, c_noise, class_labels=None, augment_labels=None, decode=True):
+        half = self.map_layer0.weight.shape[1] // 2
         emb = torch.outer(c_noise.float(), (1 / 10000) ** (torch.arange(half, device=x.device) / (half - 1)))
-        emb = torch.cat([emb.sin(), emb.cos()], dim=1)                   # (B, model_channels)
+        emb = torch.cat([emb.sin(), emb.cos()], dim=1)                  # positional embedding, (B, model_channels)
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))    # (B, 4 * model_channels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))   # (B, 4 * model_channels)
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
-        feat = x                                                         # encoder bottleneck, (B, 256, 8, 8) on CIFAR-10
-        if not decode: return None, feat                                 # a discriminator on the encoder needs no decoder
+        feat = x                                                        # the encoder's bottleneck: (B, 256, 8, 8)
+        if not decode: return None, feat                                # a discriminator on the encoder needs no more
         blocks = list(self.dec.values())
         for block in blocks[:-2]:
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
+            if x.shape[1] != block.in_channels: x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
         return blocks[-1](F.silu(blocks[-2](x))), feat
 
 def edm_precond(sigma, sigma_data):
-    """EDM Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise); returns c_skip, c_out, c_in, c_noise."""
+    """EDM Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise). Returns c_skip, c_out, c_in, c_noise."""
     s2 = sigma ** 2 + sigma_data ** 2
     return sigma_data ** 2 / s2, sigma * sigma_data / s2.sqrt(), 1 / s2.sqrt(), sigma.log() / 4
 
 def as_sigma(sigma, x):
-    """sigma as a float32 tensor broadcastable against x: (B, 1, ..., 1). A Python number becomes a
-    fill on the device, not a host-to-device copy (which would make the CPU wait for the GPU)."""
+    """sigma as float32 (B, 1, ..., 1) on x's device; a Python number becomes a fill, not a host-to-device copy."""
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    if not torch.is_tensor(sigma): return torch.full(shape, float(sigma), device=x.device)
-    return sigma.to(x.device, torch.float32).reshape(-1, *shape[1:]).expand(shape)
+    if torch.is_tensor(sigma): return sigma.to(x.device, torch.float32).reshape(-1, *shape[1:]).expand(shape)
+    return torch.full(shape, float(sigma), device=x.device)
 
 class EDMPrecond(nn.Module):
-    """The denoiser D(x, sigma) of EDM. Preconditioning and the output combination run in fp32."""
+    """EDM's denoiser D(x, sigma); the preconditioning and the output combination run in fp32. return_features=True
+    also returns the encoder's bottleneck features; 'only' returns (None, features) and skips the decoder."""
     def __init__(self, label_dim=0, sigma_data=0.5, **unet_kwargs):
         super().__init__()
-        self.kwargs = dict(label_dim=label_dim, sigma_data=sigma_data, **unet_kwargs)   # saved with .pt weights
-        self.label_dim, self.sigma_data, self.model = label_dim, sigma_data, SongUNet(label_dim=label_dim, **unet_kwargs)
-
-    def forward(self, x, sigma, class_labels=None, return_features=False):   # return_features='only': (None, feat), no decoder
+        self.label_dim, self.sigma_data = label_dim, sigma_data
+        self.model = SongUNet(label_dim=label_dim, **unet_kwargs)
+    def forward(self, x, sigma, class_labels=None, return_features=False, augment_labels=None):
         x, sigma = x.float(), as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        if self.label_dim and class_labels is None: class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-        F_x, feat = self.model(c_in * x, c_noise.flatten(), class_labels, decode=return_features != 'only')
+        F_x, feat = self.model(c_in * x, c_noise.flatten(), class_labels, augment_labels, return_features != 'only')
         D_x = None if F_x is None else c_skip * x + c_out * F_x.float()
         return (D_x, feat.float()) if return_features else D_x
-
 # === END SHARED: EDM network ===
 
 # === BEGIN SHARED: EDM teacher ===
-# load_edm(source): the official pickle (URL or file) or our .pt, read without EDM's code;
-# heun_sample: EDM Algorithm 2; sample_sigma / edm_loss: the noise levels and denoising loss.
+# load_edm(source): the official pickle (a URL or a file), read without EDM's code; then the noise levels, the
+# one-step generator and the denoising loss that the methods share.
 
 EDM_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
 EDM_UNCOND, EDM_COND = EDM_URL + 'edm-cifar10-32x32-uncond-vp.pkl', EDM_URL + 'edm-cifar10-32x32-cond-vp.pkl'
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
-def cache_dir():   # downloads, the toy teacher, teacher pairs; DISTILL_CACHE overrides
+def cache_dir():   # downloads, the toy teacher, teacher pairs: ~/.cache/distill, or $DISTILL_CACHE
     d = os.environ.get('DISTILL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'distill'))
-    os.makedirs(d, exist_ok=True); return d
+    os.makedirs(d, exist_ok=True)
+    return d
 
-def download(url, dst):
-    """url -> dst with a progress bar, via a temp file and a rename (a broken transfer leaves nothing)."""
-    if not os.path.exists(dst):
-        try: torch.hub.download_url_to_file(url, dst, progress=True)
-        except Exception as e: raise SystemExit(f'error: could not download {url} ({e}). Download it by hand and put it at {dst}')
+def download(url, dst):   # with a progress bar, through a temp file and a rename: a broken transfer leaves nothing
+    if os.path.exists(dst): return dst
+    try:
+        torch.hub.download_url_to_file(url, dst, progress=True)
+    except Exception as e:
+        raise SystemExit(f'error: could not download {url} ({e}). Download it by hand and put it at {dst}')
     return dst
 
-class _Stub:
-    """Stands in for a class from the official pickle: keeps its name and state, runs nothing."""
-    def __init__(self, class_name='?', state=None): self.class_name, self.state = class_name, state or {}
-    def __setstate__(self, state): self.state = state
+class _Stub:   # stands in for a class of the official pickle: keeps its name and state, runs nothing
+    def __init__(self, class_name='?', state=None):
+        self.class_name, self.state = class_name, state or {}
+    def __setstate__(self, state):
+        self.state = state
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles EDM's network pickles without dnnlib/torch_utils: persistent objects become _Stubs,
-    tensors are rebuilt by torch's weights-only loader, and any other global is refused."""
-    ALLOWED = {('collections', 'OrderedDict'): collections.OrderedDict, ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    """EDM's network pickles without dnnlib and torch_utils: persistent objects (whose stored source EDM would exec())
+    become _Stubs, tensors come from torch's weights-only loader, and any other global is refused."""
+    ALLOWED = {('collections', 'OrderedDict'): collections.OrderedDict,
+               ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
                ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
                ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True),
-               # EDM's persistence would exec() the module source stored in the pickle; we keep only name and state
-               ('torch_utils.persistence', '_reconstruct_persistent_obj'): lambda meta: _Stub(meta['class_name'], meta['state']),
-               ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype,
-               **{(m, 'scalar'): lambda dt, b: np.frombuffer(b, dt)[0] for m in ('numpy.core.multiarray', 'numpy._core.multiarray')},
-               ('builtins', 'set'): set, ('__builtin__', 'set'): set, ('_codecs', 'encode'): lambda s, enc: s.encode(enc)}
+               ('torch_utils.persistence', '_reconstruct_persistent_obj'): lambda m: _Stub(m['class_name'], m['state']),
+               **{(m, 'scalar'): lambda dtype, b: np.frombuffer(b, dtype)[0] for m in ('numpy.core.multiarray',
+                                                                                         'numpy._core.multiarray')},
+               ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype, ('builtins', 'set'): set}
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED: return self.ALLOWED[module, name]
-        if module.startswith('torch.nn.modules.'): return _Stub                      # ModuleDict & co.
+        if module.startswith('torch.nn.modules.'): return _Stub                # ModuleDict and co.
         if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype): return getattr(torch, name)
         raise pickle.UnpicklingError(f'refusing to load global {module}.{name}')
 
-def _stub_state_dict(stub, prefix=''):
-    st = stub.state
-    sd = {prefix + k: v for k, v in [*st.get('_parameters', {}).items(), *st.get('_buffers', {}).items()] if v is not None}
-    for k, m in st.get('_modules', {}).items():
-        if m is not None: sd.update(_stub_state_dict(m, prefix + k + '.'))
+def _stub_state_dict(stub, prefix=''):   # the state_dict of a module that was unpickled into _Stubs
+    tensors = {**stub.state.get('_parameters', {}), **stub.state.get('_buffers', {})}
+    sd = {prefix + k: v for k, v in tensors.items() if v is not None}
+    for k, child in stub.state.get('_modules', {}).items():
+        if child is not None: sd.update(_stub_state_dict(child, prefix + k + '.'))
     return sd
 
 def load_edm(source, device='cpu'):
-    """EDMPrecond in eval mode from a URL, an official .pkl, or a .pt ({'kwargs', 'state_dict'})."""
+    """EDMPrecond in eval mode from an official network pickle: a URL (downloaded to the cache) or a file."""
     if source.startswith(('http://', 'https://')):
         source = download(source, os.path.join(cache_dir(), os.path.basename(source)))
     if not os.path.isfile(source):
-        raise SystemExit(f'error: teacher file {source} not found; pass a URL, an EDM .pkl or a .pt (official: {EDM_UNCOND})')
+        raise SystemExit(f'error: teacher file {source} not found; pass a URL or an EDM .pkl (official: {EDM_UNCOND})')
     try:
-        if source.endswith('.pt'):
-            ckpt = torch.load(source, map_location='cpu', weights_only=True)
-            kwargs, sd = ckpt.get('kwargs', {}), ckpt.get('state_dict', ckpt)
-        else:
-            with open(source, 'rb') as f: data = _SafeUnpickler(f).load()
-            ema = data['ema'] if isinstance(data, dict) else None
-            if not (isinstance(ema, _Stub) and ema.class_name == 'EDMPrecond'):
-                raise ValueError(f"'ema' is {getattr(ema, 'class_name', type(ema).__name__)}, not an EDMPrecond")
-            unet = ema.state['_modules']['model']
-            if unet.class_name != 'SongUNet' or unet.state.get('_init_kwargs', {}).get('embedding_type', 'positional') != 'positional':
-                raise ValueError('only the DDPM++ SongUNet (EDM\'s CIFAR-10 "vp" networks) is supported')
-            kwargs = {k: v for k, v in unet.state.get('_init_kwargs', {}).items() if k in inspect.signature(SongUNet).parameters}
-            kwargs.update(label_dim=int(ema.state['label_dim']), sigma_data=float(ema.state['sigma_data']))
-            sd = _stub_state_dict(ema)
-        net = EDMPrecond(**kwargs); net.load_state_dict(sd, strict=True)
+        with open(source, 'rb') as f:
+            data = _SafeUnpickler(f).load()
+        ema = data['ema'] if isinstance(data, dict) else None                         # EDM's network pickle entry
+        if not (isinstance(ema, _Stub) and ema.class_name == 'EDMPrecond'):
+            raise ValueError(f"'ema' is {getattr(ema, 'class_name', type(ema).__name__)}, not an EDMPrecond")
+        unet = ema.state['_modules']['model']
+        init = unet.state.get('_init_kwargs', {})
+        if unet.class_name != 'SongUNet' or init.get('embedding_type', 'positional') != 'positional':
+            raise ValueError('only the DDPM++ SongUNet (EDM\'s CIFAR-10 "vp" networks) is supported')
+        kwargs = {k: v for k, v in init.items() if k in inspect.signature(SongUNet).parameters and k != 'label_dim'}
+        net = EDMPrecond(label_dim=int(ema.state['label_dim']), sigma_data=float(ema.state['sigma_data']), **kwargs)
+        net.load_state_dict(_stub_state_dict(ema), strict=True)
     except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, EOFError, AttributeError, TypeError) as e:
         raise SystemExit(f'error: {source} is not a usable EDM network ({type(e).__name__}: {str(e)[:300]}). '
-                         f'Delete it to re-download, or pass another --teacher.')
+                         'Delete it to re-download, or pass another --teacher.')
     return net.eval().requires_grad_(False).to(device)
 
-def karras(u):
-    """EDM Eq. (5): the noise level at position u in [0, 1] of the ramp from SIGMA_MAX to SIGMA_MIN."""
+def karras(u):   # EDM Eq. (5): the noise level at u in [0, 1] of the ramp from SIGMA_MAX down to SIGMA_MIN
     return (SIGMA_MAX ** (1 / RHO) + u * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
 
-def karras_sigmas(n):   # sigma_0 > ... > sigma_{n-1}, then sigma_n = 0; float64
-    return torch.cat([karras(torch.arange(n, dtype=torch.float64) / (n - 1)), torch.zeros(1, dtype=torch.float64)])
-
-@torch.no_grad()
-def heun_sample(net, z, class_labels=None, steps=18):
-    """EDM Algorithm 2 (deterministic Heun, 2 * steps - 1 = 35 network evaluations)."""
-    t = karras_sigmas(steps).to(z.device)
-    x = z.to(torch.float64) * t[0]
-    for i in range(steps):
-        d = (x - net(x, t[i], class_labels).to(torch.float64)) / t[i]           # dx/dt = (x - D(x; t)) / t
-        x_next = x + (t[i + 1] - t[i]) * d
-        if t[i + 1] > 0:                                                         # 2nd-order correction
-            d2 = (x_next - net(x_next, t[i + 1], class_labels).to(torch.float64)) / t[i + 1]
-            x_next = x + (t[i + 1] - t[i]) * (d + d2) / 2
-        x = x_next
-    return x.float()
-
-def sample_sigma(n, device, u_min=0.02, u_max=0.98):   # u ~ U[0.02, 0.98], as DMD's t ~ U[0.02 T, 0.98 T]
+def sample_sigma(n, device, u_min=0.02, u_max=0.98):   # sigma = karras(u), u ~ U[u_min, u_max]
     return karras(torch.empty(n, device=device).uniform_(u_min, u_max))
 
-def generate(G, z, c=None, sigma=SIGMA_MAX):
-    """A one-step generator made from a denoiser: x = G_theta(z) = D_theta(sigma z, sigma)."""
+def generate(G, z, c=None, sigma=SIGMA_MAX):   # a one-step generator from a denoiser: G(z) = D(sigma z, sigma)
     return G(z * sigma, sigma, c)
 
-def edm_loss(net, x, sigma, class_labels=None):
-    """EDM's denoising loss lambda(sigma) ||D(x + sigma n, sigma) - x||^2, lambda = 1/c_out^2."""
+def edm_loss(net, x, sigma, class_labels=None, augment_labels=None):   # EDM's lambda(sigma) ||D(x + sigma n) - x||^2
     sigma = as_sigma(sigma, x)
-    D = net(x + sigma * torch.randn_like(x), sigma, class_labels)
+    D = net(x + sigma * torch.randn_like(x), sigma, class_labels, augment_labels=augment_labels)
     lam = (sigma ** 2 + net.sigma_data ** 2) / (sigma * net.sigma_data) ** 2
     return (lam * (D - x) ** 2).mean()
-
 # === END SHARED: EDM teacher ===
 
 # === BEGIN SHARED: toy world ===
-# A 2-D Gaussian mixture with exact density, noisy score and denoiser: the CPU teaching mode and
-# the ground truth for tests. The toy teacher is a small MLP with EDM preconditioning, trained
-# by edm_loss and cached, so every method starts from teacher weights as on CIFAR-10.
+# A 2-D Gaussian mixture with an exact (noisy) density: the CPU teaching mode and the tests' ground truth. Its teacher
+# is a small MLP with EDM's preconditioning, trained by edm_loss and cached: methods start from a teacher, as on CIFAR.
 
-class GaussianMixture2D:
+class GaussianMixture2D:   # k Gaussians of std `std` on a circle of radius `radius`, weighted 1 : 2 : ... : k
     def __init__(self, k=8, radius=2.0, std=0.1):
-        ang = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
-        self.means, self.std = radius * torch.stack([ang.cos(), ang.sin()], 1), std     # (K, 2)
-        self.weights = torch.arange(1, k + 1, dtype=torch.float64) / (k * (k + 1) / 2)  # unequal: 1 : 2 : ... : k
+        angle = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+        self.means, self.std = radius * torch.stack([angle.cos(), angle.sin()], 1), std      # (K, 2)
+        self.weights = torch.arange(1, k + 1, dtype=torch.float64) / (k * (k + 1) / 2)
         self.sigma_data = float((self.weights @ self.means.pow(2)).mean() + std ** 2) ** 0.5
-
     def sample(self, n, generator=None):
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         return (self.means[k] + self.std * torch.randn(n, 2, dtype=torch.float64, generator=generator)).float()
-
     def _log_joint(self, x, sigma=0.0):   # log w_k N(x; m_k, (std^2 + sigma^2) I), (N, K)
         var = self.std ** 2 + torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2
         d2 = (x.double()[:, None, :] - self.means.to(x.device)).pow(2).sum(-1)
         return self.weights.to(x.device).log() - d2 / (2 * var) - torch.log(2 * math.pi * var)
-
-    def log_prob(self, x, sigma=0.0): return self._log_joint(x, sigma).logsumexp(1)
-
-    def denoise(self, x, sigma, class_labels=None):
-        """Exact E[x_0 | x_0 + sigma n = x]; same call signature as a denoiser network."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(x.shape[0], 1)
-        post = self._log_joint(x, sigma).softmax(1)                          # p(k | x), (N, K)
-        var = self.std ** 2 + sigma ** 2
-        mk = self.means.to(x.device) + (self.std ** 2 / var)[:, :, None] * (x.double()[:, None] - self.means.to(x.device))
-        return (post[:, :, None] * mk).sum(1).to(x.dtype)
-
+    def log_prob(self, x, sigma=0.0):
+        return self._log_joint(x, sigma).logsumexp(1)
     def metrics(self, x):
         """Exact quality of samples x (N, 2): mode_tv, precision (within 3 std of a mean), nll."""
-        d = (x.double()[:, None, :] - self.means).norm(dim=-1)              # (N, K)
+        d = (x.double()[:, None, :] - self.means).norm(dim=-1)                              # (N, K)
         freq = torch.bincount(d.argmin(1), minlength=len(self.weights)).double() / len(x)
         return dict(mode_tv=0.5 * (freq - self.weights).abs().sum().item(),
                     precision=(d.min(1).values < 3 * self.std).double().mean().item(),
                     nll=-self.log_prob(x).clamp_min(-1e4).mean().item())
 
 class ToyDenoiser(nn.Module):
-    """A 3x256 MLP F(c_in x, c_noise) with EDM preconditioning; the call signature of EDMPrecond."""
-    def __init__(self, sigma_data=1.0, dim=2, width=256, depth=3, label_dim=0):
+    """A 3x256 MLP F(c_in x, c_noise) with EDM's preconditioning and EDMPrecond's call signature."""
+    def __init__(self, sigma_data=1.0, dim=2, width=256, depth=3):
         super().__init__()
-        self.kwargs, self.sigma_data, self.label_dim = dict(sigma_data=sigma_data, dim=dim, width=width, depth=depth), sigma_data, 0
-        self.register_buffer('freqs', 2.0 ** torch.arange(8))                # Fourier features of c_noise
+        self.sigma_data, self.label_dim = sigma_data, 0
+        self.register_buffer('freqs', 2.0 ** torch.arange(8))                              # Fourier features of c_noise
         self.inp, self.out = nn.Linear(dim + 16, width), nn.Linear(width, dim)
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
-
-    def forward(self, x, sigma, class_labels=None, return_features=False):
+    def forward(self, x, sigma, class_labels=None, return_features=False, augment_labels=None):
         x, sigma = x.float(), as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        e = c_noise * self.freqs                                           # (B, 8)
+        e = c_noise * self.freqs                                                            # (B, 8)
         h = F.silu(self.inp(torch.cat([c_in * x, e.sin(), e.cos()], 1)))
         for layer in self.hidden:
-            h = F.silu(layer(h))                                           # (B, width): the features
+            h = F.silu(layer(h))                                                            # (B, width): the features
         D_x = c_skip * x + c_out * self.out(h)
         return (D_x, h) if return_features else D_x
 
 def toy_teacher(steps=3000, batch=1024, seed=0):
-    """The toy teacher: ToyDenoiser trained with edm_loss (lognormal sigma, as EDM); cached on disk."""
-    path = os.path.join(cache_dir(), f'toy_teacher_{steps}_{seed}.pt')
+    """The toy teacher: ToyDenoiser trained with edm_loss at EDM's lognormal sigma; cached on disk."""
+    path = os.path.join(cache_dir(), f'toy_teacher_v2_{steps}_{seed}.pt')
     world = GaussianMixture2D()
     if not os.path.exists(path):
-        g = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            net = ToyDenoiser(world.sigma_data)
-            opt = torch.optim.Adam(net.parameters(), lr=2e-3); sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
-            for _ in tqdm(range(steps), desc='training the toy teacher (once, cached)', leave=False):
-                sigma = (torch.randn(batch) * 1.2 - 1.2).exp()               # EDM: ln sigma ~ N(-1.2, 1.2^2)
-                loss = edm_loss(net, world.sample(batch, g), sigma)
-                opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
-        atomic_save({'kwargs': net.kwargs, 'state_dict': net.state_dict()}, path)
-    ckpt = torch.load(path, weights_only=True)
-    net = ToyDenoiser(**ckpt['kwargs']); net.load_state_dict(ckpt['state_dict'])
+        torch.manual_seed(seed)
+        net = ToyDenoiser(world.sigma_data)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+        for _ in tqdm(range(steps), desc='training the toy teacher (once, cached)', leave=False):
+            sigma = (torch.randn(batch) * 1.2 - 1.2).exp()                      # EDM: ln sigma ~ N(-1.2, 1.2^2)
+            loss = edm_loss(net, world.sample(batch), sigma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        atomic_save({'state_dict': net.state_dict()}, path)
+    net = ToyDenoiser(world.sigma_data)
+    net.load_state_dict(torch.load(path, weights_only=True)['state_dict'])
     return net.eval().requires_grad_(False)
 
-def plot_toy(world, x, path, title=''):
-    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of the mixture's exact log density
     xx, yy = torch.meshgrid(torch.linspace(-3, 3, 200), torch.linspace(-3, 3, 200), indexing='xy')
-    lp = world.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(200, 200)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.contour(xx, yy, lp.clamp_min(-12), levels=12, cmap='Blues', linewidths=0.7)
+    log_p = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(200, 200)
+    ax.clear()
+    ax.contour(xx, yy, log_p.clamp_min(-12), levels=12, cmap='Blues', linewidths=0.7)
     ax.scatter(x[:, 0], x[:, 1], s=1, c='tab:red', alpha=0.4)
-    ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', title=title)
-    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+    ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', xticks=[], yticks=[])
+    ax.set_title(title, fontsize=9)
 
+def plot_toy(mixture, out, title):
+    """toy_training.gif: the frames in out/frames, one-step samples of the same noise; toy_samples.png: the last."""
+    import matplotlib
+    matplotlib.use('Agg')                                               # files only, no screen
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    folder = os.path.join(out, 'frames')
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.npy'))               # kimg<kimg>.npy
+    fig, ax = plt.subplots(figsize=(4, 4))
+    def draw(i):
+        x = torch.from_numpy(np.load(os.path.join(folder, files[i])))
+        m = mixture.metrics(x)
+        head = f"{title}, kimg {float(files[i][4:-4]):g}"
+        draw_toy(ax, mixture, x, f"{head}\nmode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}")
+    FuncAnimation(fig, draw, frames=len(files)).save(os.path.join(out, 'toy_training.gif'), PillowWriter(fps=4), dpi=80)
+    fig.savefig(os.path.join(out, 'toy_samples.png'), dpi=120, bbox_inches='tight')
+    plt.close(fig)
 # === END SHARED: toy world ===
 
 # === BEGIN SHARED: data and evaluation ===
-# CIFAR-10 as one uint8 tensor on the device; FID in clean-fid's 'legacy_tensorflow' and 'clean'
-# modes and Inception Score from the same network; sample grids and the metrics-vs-kimg plot.
+# CIFAR-10 as one uint8 tensor on the device; LPIPS; FID in clean-fid's 'legacy_tensorflow' and 'clean' modes.
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 FID_MODES = ('legacy_tensorflow', 'clean')
 
 def load_cifar10(root):
-    """CIFAR-10 train as uint8 (50000, 3, 32, 32) and int64 labels; downloaded with torchvision."""
+    """CIFAR-10's training set as uint8 (50000, 3, 32, 32) and int64 labels; torchvision downloads it."""
     folder = os.path.join(root, 'cifar-10-batches-py')
     if not os.path.isdir(folder):
         from torchvision.datasets.utils import download_and_extract_archive
-        try: download_and_extract_archive(CIFAR_URL, root, md5='c58f30108f718f92721af3b95e74349a')
-        except Exception as e: raise SystemExit(f'error: could not download CIFAR-10 ({e}). Put {CIFAR_URL} into {root} (it is extracted to {folder})')
-    batches = [pickle.load(open(os.path.join(folder, f'data_batch_{i}'), 'rb'), encoding='latin1') for i in range(1, 6)]
+        try:
+            download_and_extract_archive(CIFAR_URL, root, md5='c58f30108f718f92721af3b95e74349a')
+        except Exception as e:
+            raise SystemExit(f'error: could not download CIFAR-10 ({e}). Put {CIFAR_URL} into {root} '
+                             f'(it is extracted to {folder})')
+    files = [os.path.join(folder, f'data_batch_{i}') for i in range(1, 6)]
+    batches = [np.load(f, allow_pickle=True, encoding='latin1') for f in files]               # pickled dicts
     x = np.concatenate([np.asarray(b['data'], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
-    return torch.from_numpy(x), torch.tensor(sum((list(b['labels']) for b in batches), []))
+    return torch.from_numpy(x), torch.tensor([y for b in batches for y in b['labels']])
 
-def to_uint8(x): return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+VGG_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
-def frechet_distance(mu1, s1, mu2, s2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); tr (S1 S2)^(1/2) from the eigenvalues of the
-    symmetric PSD matrix S1^(1/2) S2 S1^(1/2), which has the same spectrum."""
-    w, V = np.linalg.eigh(s1)
-    r1 = (V * np.sqrt(w.clip(0))) @ V.T
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvalsh(r1 @ s2 @ r1).clip(0)).sum())
+def lpips_vgg(device, pretrained=True):
+    """d(a, b) per sample: LPIPS-VGG (the lpips package) at 224 x 224, bilinear, as in openai/consistency_models;
+    torchvision's VGG-16 weights come into the cache (not pretrained: a random VGG, as costly, for --bench)."""
+    import lpips
+    net = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False)                      # with its own linear heads
+    if pretrained:
+        vgg = torch.load(download(VGG_URL, os.path.join(cache_dir(), os.path.basename(VGG_URL))), weights_only=True)
+        net.net.load_state_dict({k: vgg['features.' + k.split('.', 1)[1]] for k in net.net.state_dict()})   # slice*.i
+    net = net.eval().requires_grad_(False).to(device)
+    def distance(a, b):
+        return net(F.interpolate(a, size=224, mode='bilinear'), F.interpolate(b, size=224, mode='bilinear')).flatten()
+    return distance
 
-def inception_score(probs, splits=10):   # exp E[KL(p(y|x) || p(y))], mean over 10 splits
-    kl = lambda p: (p * (np.log(p + 1e-12) - np.log(p.mean(0, keepdims=True) + 1e-12))).sum(1).mean()
-    return float(np.mean([np.exp(kl(p)) for p in np.array_split(probs, splits)]))
+def to_uint8(x):
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 def clean_fid_extractor(device):
-    """extract(uint8 (N, 3, H, W), mode) -> (2048-d pool3 features, 1008-way probabilities) with
-    clean-fid's Inception: 'legacy_tensorflow' resizes inside the network as TF did, 'clean' with PIL
-    bicubic first. Probabilities as the original IS: softmax of the output layer without bias."""
+    """extract(uint8 (N, 3, H, W), mode) -> 2048-d pool3 features of clean-fid's Inception: 'legacy_tensorflow'
+    resizes inside the network as TensorFlow did, 'clean' with PIL bicubic first."""
     from cleanfid.inception_torchscript import InceptionV3W
     from cleanfid.resize import build_resizer
     download(INCEPTION_URL, os.path.join(cache_dir(), 'inception-2015-12-05.pt'))
-    nets = {m: InceptionV3W(cache_dir(), download=False, resize_inside=m == FID_MODES[0]).to(device).eval() for m in FID_MODES}
-    resize = build_resizer('clean')
+    net, resize = InceptionV3W(cache_dir(), download=False).to(device).eval(), build_resizer('clean')
     def extract(x, mode):
-        if mode == 'clean':
-            x = torch.stack([torch.from_numpy(resize(im.permute(1, 2, 0).numpy()).transpose(2, 0, 1).copy()) for im in x.cpu()])
+        if mode == 'clean': x = torch.stack([torch.from_numpy(resize(im.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+                                             for im in x.cpu()])
+        net.resize_inside = mode == 'legacy_tensorflow'
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            f = nets[mode](x.to(device))                                    # (N, 2048)
-            return f.cpu().numpy(), (f @ nets[mode].base.output.weight.float().T).softmax(1).cpu().numpy()
+            return net(x.to(device)).cpu().numpy()                                      # (N, 2048)
     return extract
 
-def fid_is(sample_batches, extract, ref_path, real_batches):
-    """FID in both modes and IS of generated uint8 batches; reference statistics of the real
-    images are computed once with the same extractor and cached at ref_path (one .npz per mode)."""
+def fid(sample_batches, extract, ref_path, real_batches):
+    """FID in both modes of uint8 batches; the statistics of real_batches() are cached at ref_path, one per mode."""
+    from cleanfid.fid import frechet_distance
     out = {}
     for mode in FID_MODES:
-        feats = lambda batches: [np.concatenate(a).astype(np.float64) for a in zip(*[extract(b, mode) for b in batches])]
         path = ref_path.format(mode=mode)
         if not os.path.exists(path):
-            f, _ = feats(tqdm(real_batches(), desc=f'FID reference statistics ({mode})', leave=False))
+            batches = tqdm(real_batches(), desc=f'FID reference statistics ({mode})', leave=False)
+            f = np.concatenate([extract(b, mode) for b in batches]).astype(np.float64)
             np.savez(path, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
         ref = np.load(path)
-        f, p = feats(sample_batches)
-        out['fid_' + mode.split('_')[0]] = frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref['mu'], ref['sigma'])
-        if mode == 'legacy_tensorflow': out['is'] = inception_score(p)
+        f = np.concatenate([extract(b, mode) for b in sample_batches]).astype(np.float64)
+        out['fid_' + mode.split('_')[0]] = float(frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref['mu'],
+                                                                  ref['sigma']))
     return out
-
-def save_grid(x, path, nrow=8):
-    from PIL import Image
-    x = to_uint8(x[: nrow * nrow]).cpu()                                    # (n, C, H, W) -> (rows H, nrow W, C)
-    Image.fromarray(x.reshape(-1, nrow, *x.shape[1:]).permute(0, 3, 1, 4, 2).reshape(-1, nrow * x.shape[3], x.shape[1]).numpy()).save(path)
-
-def plot_metrics(path_jsonl, path_png):   # the FID-vs-kimg figure (mode_tv and nll for the toy)
-    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in open(path_jsonl)]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for k in ('fid_legacy', 'fid_clean', 'mode_tv', 'nll'):
-        if any(k in r for r in rows): ax.plot([r['kimg'] for r in rows if k in r], [r[k] for r in rows if k in r], marker='o', label=k)
-    ax.set(xlabel='kimg (thousands of generator images)', yscale='log', title='one-step quality during training')
-    ax.legend(); ax.grid(alpha=0.3); fig.tight_layout(); fig.savefig(path_png, dpi=120); plt.close(fig)
-
 # === END SHARED: data and evaluation ===
 
 # === BEGIN SHARED: run plumbing ===
-# Flags, device/precision/DDP, EMA, atomic checkpoints, and fit(): the loop every method uses,
-# with logging, NaN stop, evaluation, exact resume and --bench. A method hands fit() its networks,
-# optimizers, a step function and a one-step sampler.
+# Flags, device and precision, EMA, checkpoints, and fit(): the loop of every method (logging, a stop on NaN,
+# evaluation, exact --resume, --bench), to which a method hands its networks, optimizers, step and one-step sampler.
 
-def _typed(cast, ok, what):
+def number(cast, ok, what):   # an argparse type: cast(s), finite and ok, else an error saying it must be `what`
     def parse(s):
-        try: v = cast(s)
-        except ValueError: raise argparse.ArgumentTypeError(f'{s!r} is not a number')
-        if not (ok(v) and math.isfinite(v)): raise argparse.ArgumentTypeError(f'{s!r} must be {what}')
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{s!r} is not a number')
+        if not (math.isfinite(v) and ok(v)): raise argparse.ArgumentTypeError(f'{s!r} must be {what}')
         return v
     return parse
-pos_int, nonneg_int = _typed(int, lambda v: v > 0, 'a positive integer'), _typed(int, lambda v: v >= 0, 'an integer >= 0')
-pos_float, nonneg_float = _typed(float, lambda v: v > 0, 'a positive number'), _typed(float, lambda v: v >= 0, 'a number >= 0')
+
+pos_int, nonneg_int = number(int, lambda v: v > 0, 'positive'), number(int, lambda v: v >= 0, 'an integer >= 0')
+pos_float, nonneg_float = number(float, lambda v: v > 0, 'positive'), number(float, lambda v: v >= 0, 'a number >= 0')
 
 def add_shared_args(p):
-    g = p.add_argument_group('run (the same in every script)')
-    A = g.add_argument
+    A = p.add_argument_group('run (the same in every script)').add_argument
     A('--data', choices=['cifar10', 'toy'], default='cifar10', help='CIFAR-10 on a GPU, or the 2-D toy world on a CPU')
-    A('--teacher', help=f'EDM teacher: URL, official .pkl, our .pt, or "random" (default {EDM_UNCOND}, with --cond its cond twin; toy: the cached toy teacher)')
+    A('--teacher', help="EDM teacher: a URL, an official .pkl or 'random' (default: EDM's own; toy: the toy teacher)")
     A('--cond', action='store_true', help='class-conditional CIFAR-10 teacher and generator')
     A('--out', help='run directory (default runs/<script>-<data>)')
     A('--kimg', type=pos_float, help='training length, thousands of generator images')
-    A('--batch', type=pos_int, help='total batch size over all GPUs')
-    A('--lr', type=pos_float, help='generator learning rate (Adam)')
+    A('--batch', type=pos_int, help='batch size')
+    A('--lr', type=pos_float, help='generator learning rate')
     A('--ema-kimg', type=nonneg_float, help='half-life of the generator EMA, kimg')
-    A('--seed', type=nonneg_int, default=0, help='random seed'); A('--resume', action='store_true', help='continue from the checkpoint in --out')
-    A('--eval-every', type=pos_float, help='evaluate and checkpoint every this many kimg')
+    A('--seed', type=nonneg_int, default=0, help='random seed')
+    A('--resume', action='store_true', help='continue from the checkpoint in --out')
+    A('--eval-every', type=pos_float, help='evaluate every this many kimg (and checkpoint five times as often)')
     A('--log-every', type=pos_int, help='log every this many steps')
-    A('--fid-samples', type=pos_int, default=10000, help='samples for FID/IS during training'); A('--fid-final', type=nonneg_int, default=50000, help='... and at the end (0: none)')
+    A('--fid-samples', type=pos_int, default=10000, help='samples for FID during training')
+    A('--fid-final', type=nonneg_int, default=50000, help='samples for FID at the end (0: none)')
     A('--data-dir', help='folder holding CIFAR-10 (downloaded there if absent; default: the cache)')
     A('--model-channels', type=pos_int, default=128, help='SongUNet width for --teacher random')
-    A('--bench', type=nonneg_int, default=0, metavar='N', help='time N training steps of the full-size network on random data and exit')
-    A('--precision', choices=['auto', 'bf16', 'fp32'], default='auto', help='network arithmetic (auto: bf16 on CUDA, fp32 on a CPU); preconditioning and losses stay fp32')
-    A('--compile', action='store_true', help='torch.compile the networks'); A('--device', help='cuda, cpu, ... (default: cuda if available)')
+    A('--bench', type=nonneg_int, default=0, metavar='N', help='time N training steps on random data and exit')
+    A('--precision', choices=['auto', 'bf16', 'tf32', 'fp32'], help='bf16 autocast, TF32, true fp32 (auto: GPU bf16)')
+    A('--compile', action='store_true', help='torch.compile the networks')
+    A('--device', help='cuda, cpu, ... (default: cuda if available)')
 
-def finish_config(p, argv, defaults):
+def parser(file, description):   # the script's argument parser, with the shared flags
+    p = argparse.ArgumentParser(prog=os.path.basename(file), description=description)
+    add_shared_args(p)
+    return p
+
+def finish_config(p, argv, defaults):   # parses argv and fills what the user left unset from defaults[--data]
+    for a in p._actions:                                                # --help shows the defaults (of both worlds)
+        if a.dest in defaults['cifar10']:
+            cifar, toy = defaults['cifar10'][a.dest], defaults['toy'][a.dest]
+            a.default, a.help = argparse.SUPPRESS, f'{a.help} (CIFAR-10: {cifar}, toy: {toy})'
+        elif a.default not in (None, False, argparse.SUPPRESS): a.help += f' (default: {a.default})'
     cfg = p.parse_args(argv)
     for k, v in defaults[cfg.data].items():
         if getattr(cfg, k, None) is None: setattr(cfg, k, v)
+    cfg.precision = cfg.precision or 'auto'
     if cfg.data == 'toy' and cfg.cond: p.error('--cond needs --data cifar10')
-    if cfg.batch % int(os.environ.get('WORLD_SIZE', 1)): p.error(f"--batch {cfg.batch} must be a multiple of the {os.environ['WORLD_SIZE']} processes")
-    cfg.teacher = cfg.teacher or ('toy' if cfg.data == 'toy' else 'random' if cfg.bench else EDM_COND if cfg.cond else EDM_UNCOND)
+    default_teacher = 'toy' if cfg.data == 'toy' else 'random' if cfg.bench else EDM_COND if cfg.cond else EDM_UNCOND
+    cfg.teacher = cfg.teacher or default_teacher
     cfg.script = os.path.splitext(os.path.basename(p.prog))[0]
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.script}-{cfg.data}')
     return cfg
 
-class Ctx:
-    """Where this process runs: device, DDP rank and world size (torchrun), bf16 autocast, seeding."""
-    def __init__(self, cfg):
-        self.ddp = 'RANK' in os.environ
-        self.rank, self.world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if self.ddp else (0, 1)
-        dev = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if dev == 'cuda' else dev)
-        if self.device.type == 'cuda':                                      # TF32 for fp32 matmuls and convolutions
-            torch.cuda.set_device(self.device); torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if self.ddp and not torch.distributed.is_initialized(): torch.distributed.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
-        self.bf16, self.main = cfg.precision == 'bf16' or (cfg.precision == 'auto' and self.device.type == 'cuda'), self.rank == 0
-        seed = cfg.seed * 1000 + self.rank                                   # different noise on each rank
-        random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-
-    def autocast(self): return torch.autocast(self.device.type, torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-    def gather(self, obj):   # [obj of rank 0, obj of rank 1, ...]
-        out = [obj] * self.world
-        if self.world > 1: torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def step(self, opt, loss, params):
-        """backward; average the gradients over ranks (one all-reduce of a flat buffer); step."""
-        opt.zero_grad(set_to_none=True); loss.backward()
-        if self.world > 1:
-            params = [p for p in params if p.grad is not None]                # skips, e.g., a discriminator's unused decoder
-            flat = torch.cat([p.grad.flatten() for p in params]) / self.world
-            torch.distributed.all_reduce(flat)
-            for p, g in zip(params, flat.split([q.numel() for q in params])): p.grad = g.view_as(p)
-        opt.step()
-
 @torch.no_grad()
-def ema_update(ema, net, batch, half_life_kimg):   # ema <- ema + (1 - beta) (net - ema), half-life in kimg; one fused call
-    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - 0.5 ** (batch / max(half_life_kimg * 1000, 1e-8)))
+def ema_update(ema, net, batch, half_life_kimg):   # EDM's EMA: ema <- ema + (1 - beta) (net - ema), a half-life in kimg
+    beta = 0.5 ** (batch / max(half_life_kimg * 1000, 1e-8))
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - beta)
 
-def atomic_save(obj, path):   # a crash mid-write leaves the previous file intact
-    torch.save(obj, path + '.tmp'); os.replace(path + '.tmp', path)
-
-def one_hot(n, label_dim, device, generator=None):
-    return F.one_hot(torch.randint(label_dim, (n,), device=device, generator=generator), label_dim).float() if label_dim else None
+def atomic_save(obj, path):   # through a temp file and a rename: a crash mid-write leaves the previous file intact
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
 
 class World:
-    """What a run trains on: the teacher, real data (CIFAR-10 or the mixture), noise, evaluation."""
-    def __init__(self, cfg, ctx, extract=None):
-        self.cfg, self.ctx, self.extract, dev = cfg, ctx, extract, ctx.device
+    """Where and on what a run trains: the device and precision, the teacher, real data (CIFAR-10 or the mixture), the
+    generator's noise, one optimizer step, and evaluation."""
+    def __init__(self, cfg, extract=None):
+        self.cfg, self.extract = cfg, extract
+        self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and self.device.type == 'cuda')
+        if self.device.type == 'cuda':
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != 'fp32'
+        torch.manual_seed(cfg.seed)
         if cfg.data == 'toy':
-            self.teacher = toy_teacher().to(dev)
-            self.mixture, self.shape = GaussianMixture2D(), (2,)
+            self.teacher, self.mixture, self.shape = toy_teacher(), GaussianMixture2D(), (2,)
         else:
-            with torch.random.fork_rng(devices=[]):                          # a random teacher is the same on every rank,
-                torch.manual_seed(cfg.seed)                                  # and each rank's own noise stream is kept
-                self.teacher = (EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels).eval().requires_grad_(False).to(dev)
-                                if cfg.teacher == 'random' else load_edm(cfg.teacher, dev))
+            if cfg.teacher == 'random':
+                self.teacher = EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels)
+            else:
+                self.teacher = load_edm(cfg.teacher)
             self.shape = (3, 32, 32)
-            x, y = ((torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8), torch.randint(10, (1024,))) if cfg.bench
-                    else load_cifar10(cfg.data_dir or cache_dir()))
-            self.images, self.labels = x.to(dev), y.to(dev)                  # held on the device: no loader
+            fake = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8), torch.randint(10, (1024,))   # --bench
+            x, y = fake if cfg.bench else load_cifar10(cfg.data_dir or cache_dir())
+            self.images, self.labels = x.to(self.device), y.to(self.device)   # held on the device: no data loader
+        self.teacher = self.teacher.eval().requires_grad_(False).to(self.device)
         self.label_dim = self.teacher.label_dim
-
-    def real(self, n):
-        """n real samples and one-hot labels: mixture samples, or CIFAR-10 in [-1, 1] with x-flips."""
-        if self.cfg.data == 'toy': return self.mixture.sample(n).to(self.ctx.device), None
-        i = torch.randint(len(self.images), (n,), device=self.ctx.device)
+        torch.manual_seed(cfg.seed)                                     # the training noise, after a random teacher
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+    def step(self, opt, loss, clip=0.0):   # backward, optionally the gradient norm clipped to clip, optimizer step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip: torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], clip)
+        opt.step()
+    def compiled(self, net):   # net for the training step: torch.compile'd with --compile
+        return torch.compile(net) if self.cfg.compile else net
+    def real(self, n):   # n real samples and one-hot labels: the mixture's, or CIFAR-10 in [-1, 1] with x-flips
+        if self.cfg.data == 'toy': return self.mixture.sample(n).to(self.device), None
+        i = torch.randint(len(self.images), (n,), device=self.device)
         x = self.images[i].float() / 127.5 - 1
-        x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+        x = torch.where(torch.rand(n, 1, 1, 1, device=self.device) < 0.5, x.flip(3), x)
         return x, F.one_hot(self.labels[i], 10).float() if self.label_dim else None
-
-    def noise(self, n): return torch.randn(n, *self.shape, device=self.ctx.device), one_hot(n, self.label_dim, self.ctx.device)
-
+    def noise(self, n, generator=None):   # the generator's input: z ~ N(0, I), and one-hot labels (or None)
+        z = torch.randn(n, *self.shape, device=self.device, generator=generator)
+        if not self.label_dim: return z, None
+        return z, F.one_hot(torch.randint(10, (n,), device=self.device, generator=generator), 10).float()
     @torch.no_grad()
-    def evaluate(self, sampler, final=False):
-        """Toy: exact metrics of 10k one-step samples and the scatter plot. CIFAR-10: a sample grid and
-        FID/IS of --fid-samples (--fid-final at the end). Uses its own generators: training RNG untouched."""
-        cfg, dev = self.cfg, self.ctx.device
+    def evaluate(self, sampler, kimg, final=False):
+        """Toy: exact metrics of 4000 one-step samples, a frame of toy_training.gif (10k at the end). CIFAR-10: an 8x8
+        grid and the FID of --fid-samples images (--fid-final at the end). Own RNGs: the training RNG is untouched."""
+        cfg, frames = self.cfg, os.path.join(self.cfg.out, 'frames')
         if cfg.data == 'toy':
-            x = sampler(torch.randn(10000, 2, generator=torch.Generator().manual_seed(123)).to(dev), None).cpu()
-            plot_toy(self.mixture, x, os.path.join(cfg.out, 'toy_samples.png'), f'{cfg.script}: one-step samples')
+            z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:10000 if final else 4000]
+            x = sampler(z.to(self.device), None).cpu()
+            os.makedirs(frames, exist_ok=True)
+            np.save(os.path.join(frames, f'kimg{kimg:010.3f}.npy'), x[:4000].numpy())
             if final: np.save(os.path.join(cfg.out, 'toy_samples.npy'), x.numpy())
+            if final: plot_toy(self.mixture, cfg.out, cfg.script)
             return self.mixture.metrics(x)
-        g = torch.Generator(dev).manual_seed(123)
-        save_grid(sampler(torch.randn(64, *self.shape, device=dev, generator=g), one_hot(64, self.label_dim, dev, g)), os.path.join(cfg.out, 'samples.png'))
+        from torchvision.utils import save_image
+        g = torch.Generator(self.device).manual_seed(123)
+        save_image(to_uint8(sampler(*self.noise(64, g))) / 255, os.path.join(cfg.out, 'samples.png'))
         n = cfg.fid_final if final else cfg.fid_samples
         if not n: return {}
-        self.extract = self.extract or clean_fid_extractor(dev)
-        fake = [to_uint8(sampler(torch.randn(min(500, n - i), *self.shape, device=dev, generator=g), one_hot(min(500, n - i), self.label_dim, dev, g)))
+        self.extract = self.extract or clean_fid_extractor(self.device)
+        fake = [to_uint8(sampler(*self.noise(min(500, n - i), g)))
                 for i in tqdm(range(0, n, 500), desc=f'{n} samples for FID', leave=False)]
-        return fid_is(fake, self.extract, os.path.join(cache_dir(), 'fid_ref_cifar10_{mode}.npz') if cfg.data_dir is None else
-                      os.path.join(cfg.out, 'fid_ref_{mode}.npz'), lambda: self.images.split(500))
+        ref = os.path.join(cache_dir() if cfg.data_dir is None else cfg.out, 'fid_ref_cifar10_{mode}.npz')
+        return fid(fake, self.extract, ref, lambda: self.images.split(500))
 
-RESUMABLE = ('resume', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out', 'compile', 'device', 'precision')
-def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
-    """Train until cfg.kimg. step_fn() runs one training step and returns a dict of scalar loss
-    tensors; nets and opts (dicts) are checkpointed; sampler(z, c) gives one-step samples."""
-    if cfg.bench: return bench(cfg, ctx, step_fn)
+# Settings that --resume may change (and every --lr*); it refuses a checkpoint trained with any other that differs.
+RESUMABLE = ('resume', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out', 'compile',
+             'device', 'precision')
+
+def load_checkpoint(cfg, world, nets, opts, path):
+    """--resume: restores nets, optimizers (with this run's learning rates) and the RNG; returns the step."""
+    if not os.path.exists(path): raise SystemExit(f'error: --resume: there is no checkpoint {path}')
+    ck = torch.load(path, map_location='cpu', weights_only=False)
+    diff = ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items()
+                     if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v)
+    if diff: raise SystemExit(f'error: --resume: {path} was trained with {diff}; pass the same, or another --out')
+    for k, net in nets.items():
+        net.load_state_dict(ck['nets'][k])
+    for k, opt in opts.items():
+        lrs = [g['lr'] for g in opt.param_groups]
+        opt.load_state_dict(ck['opts'][k])
+        for g, lr in zip(opt.param_groups, lrs):
+            g['lr'] = lr
+    torch.set_rng_state(ck['rng'])
+    if world.device.type == 'cuda': torch.cuda.set_rng_state(ck['cuda_rng'])
+    print(f"resumed from {path} at step {ck['step']}")
+    return ck['step']
+
+def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly
+    rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if world.device.type == 'cuda' else None
+    nets, opts = {k: m.state_dict() for k, m in nets.items()}, {k: o.state_dict() for k, o in opts.items()}
+    atomic_save(dict(nets=nets, opts=opts, step=step, rng=rng, cuda_rng=cuda_rng, cfg=vars(cfg)), path)
+
+def log_losses(cfg, step, names, pending, seconds):   # checks and prints the losses since the last log (a host sync)
+    vals = torch.stack(pending).cpu()                                   # (steps, losses)
+    bad = (~torch.isfinite(vals)).nonzero()
+    if len(bad):
+        r, c = bad[0].tolist()
+        raise FloatingPointError(f'{names[c]} is {vals[r, c].item()} at step {step - len(vals) + r + 1}')
+    dt, losses = seconds / len(vals), '  '.join(f'{k} {v:.4f}' for k, v in zip(names, vals.mean(0).tolist()))
+    tqdm.write(f'step {step:7d}  kimg {step * cfg.batch / 1000:9.2f}  {losses}  {dt * 1000:.0f} ms/step  '
+               f'{cfg.batch / dt:.0f} img/s')
+
+def evaluate(cfg, world, sampler, step, final):   # a row of metrics.jsonl and a log line
+    with world.autocast():
+        kimg = round(step * cfg.batch / 1000, 3)
+        row = dict(kimg=kimg, step=step, **world.evaluate(sampler, kimg, final), final=final)
+    print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
+    tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' for k, v in row.items()))
+
+def fit(cfg, world, nets, opts, step_fn, sampler):
+    """Trains until cfg.kimg. step_fn() runs one training step and returns a dict of scalar loss tensors; nets and
+    opts (dicts) are checkpointed; sampler(z, c) gives one-step samples for evaluation."""
+    if cfg.bench: return bench(cfg, world, step_fn)
     os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out, 'ckpt.pt'), os.path.join(cfg.out, 'metrics.jsonl')
-    state = dict(step=0, kimg=0.0, next_eval=cfg.eval_every, next_ckpt=cfg.eval_every / 5)   # checkpoints 5x per eval interval
-    if cfg.resume:
-        if not os.path.exists(ckpt_path): raise SystemExit(f'error: --resume: there is no checkpoint {ckpt_path}')
-        ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-        if len(ck['rng']['torch']) != ctx.world: raise SystemExit(f"error: --resume: {ckpt_path} was trained on {len(ck['rng']['torch'])} processes, not {ctx.world}")
-        diff = [f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items() if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v]
-        if diff: raise SystemExit(f"error: --resume: {ckpt_path} was trained with {', '.join(diff)}; pass the same, or choose another --out")
-        lrs = {k: [g['lr'] for g in o.param_groups] for k, o in opts.items()}             # this run's learning rates win
-        for group, mods in (('nets', nets), ('opts', opts)):
-            for k, m in mods.items(): m.load_state_dict(ck[group][k])
-        for k, o in opts.items():
-            for g, lr in zip(o.param_groups, lrs[k]): g['lr'] = lr
-        state, rng = ck['state'], ck['rng']
-        torch.set_rng_state(rng['torch'][ctx.rank]); np.random.set_state(rng['numpy']); random.setstate(rng['python'])
-        if rng['cuda'] is not None and ctx.device.type == 'cuda': torch.cuda.set_rng_state(rng['cuda'][ctx.rank])
-        if ctx.main: print(f"resumed from {ckpt_path} at step {state['step']} ({state['kimg']:.1f} kimg)")
-    elif os.path.exists(ckpt_path):
+    path = os.path.join(cfg.out, 'ckpt.pt')
+    total = math.ceil(cfg.kimg * 1000 / cfg.batch)                      # training steps
+    per_eval = max(round(cfg.eval_every * 1000 / cfg.batch), 1)
+    if os.path.exists(path) and not cfg.resume:
         raise SystemExit(f'error: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out')
-    elif ctx.main:
-        json.dump(vars(cfg), open(os.path.join(cfg.out, 'config.json'), 'w'), indent=1, default=str)
-
-    def checkpoint():   # everything needed to continue bit-exactly, with the RNG state of every rank
-        rng = dict(torch=ctx.gather(torch.get_rng_state()), numpy=np.random.get_state(), python=random.getstate(),
-                   cuda=ctx.gather(torch.cuda.get_rng_state()) if ctx.device.type == 'cuda' else None)
-        if ctx.main: atomic_save(dict(nets={k: m.state_dict() for k, m in nets.items()}, opts={k: o.state_dict() for k, o in opts.items()},
-                                      state=state, rng=rng, cfg=vars(cfg)), ckpt_path)
-
-    def evaluate(final):   # one row of metrics.jsonl, the metrics-vs-kimg plot, a log line
-        if not ctx.main: return
-        with ctx.autocast(): row = dict(kimg=round(state['kimg'], 3), step=state['step'], **world.evaluate(sampler, final), final=final)
-        with open(metrics_path, 'a') as f: f.write(json.dumps(row) + '\n')
-        plot_metrics(metrics_path, os.path.join(cfg.out, 'metrics.png')); tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' for k, v in row.items()))
-
-    signal.signal(signal.SIGTERM, signal.default_int_handler)                # pre-emption acts like Ctrl-C
-    bar = tqdm(total=cfg.kimg, initial=state['kimg'], disable=not ctx.main, bar_format='{l_bar}{bar}| {n:.1f}/{total:.0f} kimg [{elapsed}<{remaining}]')
+    step = load_checkpoint(cfg, world, nets, opts, path) if cfg.resume else 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)          # pre-emption acts like Ctrl-C
+    bar = tqdm(total=total, initial=step, unit='step')
     pending, t0 = [], time.time()
     try:
-        while state['kimg'] < cfg.kimg:
-            with ctx.autocast(): losses = step_fn()
+        while step < total:
+            with world.autocast():
+                losses = step_fn()
             pending.append(torch.stack([v.detach().float() for v in losses.values()]))
-            state['step'] += 1; state['kimg'] += cfg.batch / 1000; bar.update(min(cfg.batch / 1000, bar.total - bar.n))
-            done, due, snap = state['kimg'] >= cfg.kimg, state['kimg'] >= state['next_eval'], state['kimg'] >= state['next_ckpt']
-            if state['step'] % cfg.log_every == 0 or done or due or snap:         # losses are checked before any checkpoint
-                vals, pending = torch.stack(pending) / ctx.world, []             # the loop's only host sync; losses are averaged
-                if ctx.world > 1: torch.distributed.all_reduce(vals)             # over ranks, so a NaN on any rank stops them all
-                vals = vals.cpu()
-                if not torch.isfinite(vals).all():
-                    r, c = (~torch.isfinite(vals)).nonzero()[0].tolist()
-                    raise FloatingPointError(f"{list(losses)[c]} is {vals[r, c].item()} at step {state['step'] - len(vals) + r + 1}")
-                dt, t0 = (time.time() - t0) / len(vals), time.time()
-                if ctx.main: tqdm.write(f"step {state['step']:7d}  kimg {state['kimg']:9.2f}  " + '  '.join(
-                    f'{k} {v:.4f}' for k, v in zip(losses, vals.mean(0).tolist())) + f'  {dt * 1000:.0f} ms/step  {cfg.batch / dt:.0f} img/s')
-            if due or done:
-                state['next_eval'] += cfg.eval_every
-                evaluate(final=done); t0 = time.time()                          # keep eval time out of ms/step
-            if due or done or snap:
-                state['next_ckpt'] = state['kimg'] + cfg.eval_every / 5; checkpoint()
-    except KeyboardInterrupt: raise SystemExit(f"interrupted at step {state['step']}; continue from the last checkpoint {ckpt_path} with --resume")
-    except FloatingPointError as e: raise SystemExit(f"error: {e}; stopped. The last good checkpoint is {ckpt_path}"
-                                                     f"{'' if os.path.exists(ckpt_path) else ' (none written yet)'}: --resume with a lower --lr or --precision fp32")
+            step += 1
+            bar.update()
+            due = step % per_eval == 0 or step == total
+            snap = due or step % max(per_eval // 5, 1) == 0             # checkpoints five times per evaluation
+            if snap or step % cfg.log_every == 0:                       # losses are checked before any checkpoint
+                log_losses(cfg, step, list(losses), pending, time.time() - t0)
+                pending, t0 = [], time.time()
+            if due:
+                evaluate(cfg, world, sampler, step, final=step == total)
+                t0 = time.time()                                        # keep the evaluation out of ms/step
+            if snap: save_checkpoint(cfg, world, nets, opts, step, path)
+    except KeyboardInterrupt:
+        raise SystemExit(f'interrupted at step {step}; continue from the last checkpoint {path} with --resume')
+    except FloatingPointError as e:
+        kept = path if os.path.exists(path) else f'{path} (none written yet)'
+        raise SystemExit(f'error: {e}; stopped. The last good checkpoint is {kept}: --resume with a lower --lr '
+                         'or --precision fp32')
     bar.close()
-    if ctx.ddp: torch.distributed.barrier()
-    return dict(state, nets=nets)
+    return dict(step=step, nets=nets)
 
-PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}              # dense bf16, per GPU
-def bench(cfg, ctx, step_fn):
-    """ms/step, img/s, peak memory, and achieved TFLOP/s (torch's FLOP counter over one step) / MFU."""
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}            # dense bf16, per GPU: the MFU's denominator
+
+def bench(cfg, world, step_fn):
+    """Times cfg.bench training steps: ms/step, img/s, peak memory, and TFLOP/s and MFU from torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
-    sync = torch.cuda.synchronize if ctx.device.type == 'cuda' else (lambda: None)
-    with ctx.autocast(): step_fn()                                           # warm-up (and compilation)
+    cuda = world.device.type == 'cuda'
+    with world.autocast():
+        step_fn()                                                       # warm-up (and compilation)
     try:
-        with FlopCounterMode(display=False) as fc, ctx.autocast(): step_fn()
-        flops = fc.get_total_flops()
-    except RuntimeError:                                                     # it cannot follow a double backward (R1)
-        flops = float('nan'); print('bench: torch\'s FLOP counter failed on this step; TFLOP/s and MFU are unknown')
-    if ctx.device.type == 'cuda': torch.cuda.reset_peak_memory_stats()
-    sync(); t0 = time.time()
-    for _ in range(cfg.bench):
-        with ctx.autocast(): step_fn()
-    sync(); dt = (time.time() - t0) / cfg.bench
-    mem, name = ((torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.get_device_name()) if ctx.device.type == 'cuda'
-                 else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 'cpu'))
-    tflops, peak = flops / dt / 1e12, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    res = dict(script=cfg.script, device=name, batch=cfg.batch, precision='bf16' if ctx.bf16 else 'fp32', compile=cfg.compile,
-               ms_per_step=dt * 1000, img_per_s=cfg.batch / dt, peak_mem_gib=mem, gflop_per_img=flops / (cfg.batch // ctx.world) / 1e9,
-               tflops=tflops, mfu=tflops / peak if peak else float('nan'))
-    if ctx.main: print('bench  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in res.items()))
+        with FlopCounterMode(display=False) as counter, world.autocast():
+            step_fn()
+        flops = counter.get_total_flops()
+    except RuntimeError:                                                # it cannot follow a double backward (R1)
+        flops = float('nan')
+        print("bench: torch's FLOP counter failed on this step; TFLOP/s and MFU are unknown")
+    sync = torch.cuda.synchronize if cuda else time.time
+    sync()
+    if cuda: torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    with world.autocast():
+        for _ in range(cfg.bench):
+            step_fn()
+    sync()
+    dt = (time.time() - t0) / cfg.bench
+    name = torch.cuda.get_device_name() if cuda else 'cpu'
+    precision = 'bf16' if world.bf16 else 'fp32' if cfg.precision == 'auto' or not cuda else cfg.precision
+    mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), float('nan'))
+    res = dict(script=cfg.script, device=name, batch=cfg.batch, precision=precision,
+               compile=cfg.compile, ms_per_step=dt * 1000, img_per_s=cfg.batch / dt, peak_mem_gib=mem / 2 ** 30,
+               gflop_per_img=flops / cfg.batch / 1e9, tflops=flops / dt / 1e12, mfu=flops / dt / 1e12 / peak)
+    print('bench  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in res.items()))
     return res
-
 # === END SHARED: run plumbing ===
-
-# -----------------------------------------------------------------------------
-# Di-Bregman: Table 1's weight, the discriminator on psi's encoder, the losses. Each works on tensors
-# of any shape (images or 2-D points); l is one logit per sample.
-
-def log_bregman_weight(l, h, lam=5.0):   # log h''(r) r at r = e^{-l}, Table 1: lr log sigmoid(l), kl 0, be l, ls -l, sba -lam l
-    return {'lr': F.logsigmoid, 'kl': torch.zeros_like, 'be': lambda l: l, 'ls': torch.neg, 'sba': lambda l: -lam * l}[h](l)
-def bregman_weight(l, h, lam=5.0): return log_bregman_weight(l, h, lam).exp()   # h''(r) r, Table 1's last column
-
-def sample_weight(l, h, lam=5.0, group=0, clamp=0.0):
-    """The stop-gradient weight of Eq. (4): h''(r) r with |l| <= clamp (if clamp), divided by its mean over each run of
-    `group` samples (which share sigma; see the docstring): group softmax(log w), finite and at most `group`."""
-    l = l.detach().float().clamp(-clamp, clamp) if clamp else l.detach().float()
-    logw = log_bregman_weight(l, h, lam)
-    if not group: return logw.exp()
-    logw = logw.reshape(-1, group)
-    return (logw - logw.logsumexp(1, keepdim=True) + math.log(group)).exp().flatten()
-
-def disc_logit(psi, x_t, sigma, c=None, with_D=False):
-    """Discriminator eta on psi's encoder (appendix D, SiDA): l_t(x_t) = mean of the bottleneck features (with_D: and psi's D)."""
-    D_x, feat = psi(x_t, sigma, c, return_features=True if with_D else 'only')   # 'only': the encoder alone, no decoder
-    head = getattr(psi, 'disc_head', None)                  # --disc-head linear: w . (channel means) + b
-    l = feat.flatten(1).mean(1) if head is None else head(feat.reshape(*feat.shape[:2], -1).mean(2))[:, 0]
-    return (l, D_x) if with_D else l
-
-def disc_loss(l_real, l_fake):   # Eq. (5), D = sigmoid(l): -log D(x_gt,t) - log(1 - D(G(eps)_t)); optimum l* = log p_t/q_t
-    return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
-
-def dibregman_loss(x, D_real, D_fake, w):
-    """Eq. (4), Di-Bregman: per sample, the gradient w.r.t. x is
-        grad = w (s_fake - s_real) sigma^2 / mean|D_real - x| = w (D_fake - D_real) / mean|x - D_real|,
-    dmd.py's dmd_loss gradient times the weight w = sg(h''(r) r) (w = 1: exactly DMD's)."""
-    dims = tuple(range(1, x.ndim))
-    grad = torch.nan_to_num((D_fake - D_real) / (x - D_real).abs().mean(dims, keepdim=True).clamp_min(1e-6))
-    grad = w.detach().reshape(-1, *[1] * (x.ndim - 1)) * grad             # not nan_to_num'ed: an inf weight stops the run
-    return 0.5 * F.mse_loss(x, (x - grad).detach())          # L = 1/2 ||x - sg(x - grad)||^2
-
-# -----------------------------------------------------------------------------
-# Training: Algorithm 1 -- generator (lines 3-14), then psi and its discriminator eta (lines 15-22).
-
-def train(cfg, extract=None):
-    ctx = Ctx(cfg)
-    world = World(cfg, ctx, extract)
-    G, fake = [copy.deepcopy(world.teacher).requires_grad_(True) for _ in range(2)]   # theta, psi <- phi (line 1; eval mode: no dropout)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    if cfg.disc_head == 'linear':                                # eta's own parameters, starting as the mean head
-        C = world.teacher(torch.zeros(1, *world.shape, device=ctx.device), 1.0, return_features=True)[1].shape[1]
-        fake.disc_head = nn.Linear(C, 1).to(ctx.device); fake.disc_head.weight.data.fill_(1 / C); fake.disc_head.bias.data.zero_()
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.0, 0.999), fused=ctx.device.type == 'cuda')
-    opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake or cfg.lr, betas=(0.0, 0.999), fused=ctx.device.type == 'cuda')
-    G_c, fake_c, teacher_c = [torch.compile(m) if cfg.compile else m for m in (G, fake, world.teacher)]
-    B = cfg.batch // ctx.world                                   # per-rank batch
-
-    def step():
-        # Generator update (lines 3-14).
-        z, c = world.noise(B)
-        x = generate(G_c, z, c)                                  # x_theta = G_theta(eps)
-        K = max(cfg.weight_group * (cfg.h != 'kl'), 1)           # K samples share one sigma and their weights' mean (KL: w = 1)
-        sigma, n = as_sigma(sample_sigma(B // K, ctx.device).repeat_interleave(K), x), torch.randn_like(x)
-        x_t = x.detach() + sigma * n                             # x_t ~ q_t|0(x_t | x_theta)
-        with torch.no_grad():
-            D_real = teacher_c(x_t, sigma, c)                    # s_phi via the teacher's denoiser
-            l, D_fake = disc_logit(fake_c, x_t, sigma, c, with_D=True)   # s_psi and the logit l_t(x_t), one pass
-        w = sample_weight(l, cfg.h, cfg.lam, K * (K > 1), cfg.logit_clamp)   # h''(r) r, r = e^{-l}
-        losses = dict(loss_dm=dibregman_loss(x, D_real, D_fake, w))                        # Eq. (4), Di-Bregman
-        loss_G = losses['loss_dm']
-        if cfg.w_gan > 0:
-            losses['loss_gan'] = F.softplus(-disc_logit(fake_c, x + sigma * n, sigma, c)).mean()   # -log D(x_t), line 12
-            loss_G = loss_G + cfg.w_gan * losses['loss_gan']     # L_gen = L_Di-Bregman + w_GAN L_GAN (line 14)
-        ctx.step(opt_G, loss_G, list(G.parameters()))
-        ema_update(G_ema, G, cfg.batch, cfg.ema_kimg)
-        # psi (denoising loss on x_theta, lines 16-18) and eta on psi's encoder (Eq. 5, lines 19-22): one step on the sum.
-        x, (x_gt, c_gt) = x.detach(), world.real(B)
-        s = as_sigma(sample_sigma(B, ctx.device, 0.05, 1.0), x)  # t'' ~ U[0, 0.95] -> u = 1 - t'' on the Karras ramp
-        x2 = torch.cat([x_gt, x]) + torch.cat([s, s]) * torch.randn(2 * B, *x.shape[1:], device=x.device)
-        l_real, l_fake = disc_logit(fake_c, x2, torch.cat([s, s]), None if c is None else torch.cat([c_gt, c])).chunk(2)
-        losses['loss_disc'] = disc_loss(l_real, l_fake)         # Eq. (5), Di-Bregman
-        losses['loss_fake'] = edm_loss(fake_c, x, sample_sigma(B, ctx.device), c)   # denoising score matching on G's samples
-        ctx.step(opt_fake, losses['loss_fake'] + losses['loss_disc'], list(fake.parameters()))
-        losses['ess'] = w.mean() ** 2 / (w ** 2).mean()    # effective sample size of the weights: near 0, a few dominate
-        return losses
-
-    sampler = lambda z, c: generate(G_ema, z, c)
-    return fit(cfg, ctx, world, dict(G=G, fake=fake, G_ema=G_ema), dict(G=opt_G, fake=opt_fake), step, sampler)
-
-def main(argv=None): train(get_config(argv))
 
 if __name__ == '__main__':
     main()

@@ -29,12 +29,39 @@ def run(script, *args, timeout=900, cwd=None):
     return subprocess.run([sys.executable, str(ROOT / f'{script}.py'), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd or ROOT)
 
+def toy_runs(script, jobs, width=2):
+    """Runs `script.py --data toy --out <out> <args>` for each (out, args) in jobs, `width` at a time on one thread
+    each; returns their exit codes."""
+    env, codes, running = dict(os.environ, OMP_NUM_THREADS='1'), [], []
+    for out, args in jobs:
+        running.append(subprocess.Popen([sys.executable, str(ROOT / f'{script}.py'), '--data', 'toy', '--out', str(out),
+                                         *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
+        if len(running) == width: codes.append(running.pop(0).wait())
+    return codes + [p.wait() for p in running]
+
+def mode_frequencies(x):
+    """The fraction of samples x (N, 2) nearest to each of the mixture's eight means."""
+    import dmd
+    d = ((torch.as_tensor(x).double()[:, None] - dmd.GaussianMixture2D().means) ** 2).sum(-1)
+    return torch.bincount(d.argmin(1), minlength=8).double() / len(x)
+
 def toy_metrics(script, out, *args, samples=''):
     """Run `script.py --data toy`, as the README says, and score the samples it saved in out (or out/samples)."""
     import dmd
     r = run(script, '--data', 'toy', '--out', out, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     return dmd.GaussianMixture2D().metrics(torch.from_numpy(np.load(os.path.join(out, samples, 'toy_samples.npy'))))
+
+def exact_denoiser(mixture):
+    """The exact E[x_0 | x_0 + sigma n = x] of a GaussianMixture2D by Tweedie's formula, x + sigma^2 grad log p_sigma(x),
+    with autograd of its exact noisy density; the call signature of a denoiser network."""
+    def denoise(x, sigma, class_labels=None):
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        xd = x.detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            (score,) = torch.autograd.grad(mixture.log_prob(xd, s.flatten() if s.numel() > 1 else s.item()).sum(), xd)
+        return (xd + s ** 2 * score).detach().to(x.dtype)
+    return denoise
 
 def matches_mixture(m):
     return m['mode_tv'] < MODE_TV_MAX and m['precision'] > PRECISION_MIN
@@ -52,8 +79,17 @@ def make_fake_cifar(root, n_per_batch=40, seed=0):
     return root
 
 def fake_extractor(x, mode):
-    """Stands in for Inception: 48 pooled colour features and 10 'class' probabilities."""
+    """Stands in for Inception: 48 pooled colour features (another transform in 'clean' mode)."""
     f = x.float().reshape(len(x), 3, 4, 8, 4, 8).mean((3, 5)).reshape(len(x), 48) / 255
-    if mode == 'clean': f = f.sqrt()
-    W = torch.randn(48, 10, generator=torch.Generator().manual_seed(0))
-    return f.numpy(), (f @ W).softmax(1).numpy()
+    return (f.sqrt() if mode == 'clean' else f).numpy()
+
+@pytest.fixture(scope='session')
+def vgg_weights(cache):
+    """torchvision's VGG-16 file in the cache, as lpips_vgg downloads it, but with random weights (offline): only the
+    `features` part, which LPIPS uses."""
+    import dmd, torchvision
+    path = os.path.join(cache, os.path.basename(dmd.VGG_URL))
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        torch.save({'features.' + k: v for k, v in torchvision.models.vgg16().features.state_dict().items()}, path)
+    return path

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 import dmd
-from conftest import fake_extractor, make_fake_cifar
+from conftest import exact_denoiser, fake_extractor, make_fake_cifar
 
 def test_parameter_counts_and_official_names():
     for label_dim, n in [(0, 55_733_891), (10, 55_735_299)]:
@@ -141,47 +141,48 @@ def test_load_edm_errors_name_the_file(tmp_path):
             dmd.load_edm(str(tmp_path / name))
     assert not (tmp_path / 'pwned').exists()
 
-def test_pt_round_trip(tmp_path):
-    net = dmd.EDMPrecond(label_dim=10, model_channels=16)
-    torch.save({'kwargs': net.kwargs, 'state_dict': net.state_dict()}, tmp_path / 't.pt')
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(dmd.load_edm(str(tmp_path / 't.pt'))(x, 2.0), net.eval()(x, 2.0))
-
 def test_heun_sampler_with_exact_denoiser_reproduces_the_mixture():
     world = dmd.GaussianMixture2D()
     z = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert len(dmd.karras_sigmas(18)) == 19 and dmd.karras_sigmas(18)[0] == 80 and abs(dmd.karras_sigmas(18)[-2] - 0.002) < 1e-12
-    m = world.metrics(dmd.heun_sample(world.denoise, z))
+    assert dmd.karras(torch.tensor(0.0, dtype=torch.float64)) == 80 and abs(dmd.karras(torch.tensor(1.0)) - 0.002) < 1e-6
+    m = world.metrics(dmd.heun_sample(exact_denoiser(world), z))
     exact = world.metrics(world.sample(20000, torch.Generator().manual_seed(1)))
     assert m['mode_tv'] < 0.02 and m['precision'] > 0.97
     assert abs(m['nll'] - exact['nll']) < 0.1                  # the mixture's entropy, up to sampling error
-    bad = world.metrics(dmd.heun_sample(world.denoise, z, steps=2))   # too few steps is visibly worse
+    bad = world.metrics(dmd.heun_sample(exact_denoiser(world), z, steps=2))   # too few steps is visibly worse
     assert bad['precision'] < m['precision'] - 0.1
 
-def test_exact_denoiser_matches_tweedie_by_autograd():
+def test_exact_denoiser_is_the_posterior_mean():
+    """The Tweedie denoiser of the tests against the closed form: E[x_0 | x] = sum_k p(k | x) (m_k + std^2 / (std^2 +
+    sigma^2) (x - m_k)), with p(k | x) from the mixture's own noisy density; and a single mode's limit."""
     world, sigma = dmd.GaussianMixture2D(), 0.7
-    x = torch.randn(50, 2, dtype=torch.float64, requires_grad=True)
-    score = torch.autograd.grad(world.log_prob(x, sigma).sum(), x)[0]
-    assert torch.allclose(world.denoise(x.detach(), sigma), x.detach() + sigma ** 2 * score, atol=1e-10)
+    x = torch.randn(50, 2, dtype=torch.float64) * 2
+    var = world.std ** 2 + sigma ** 2
+    log_joint = world.weights.log() - (x[:, None] - world.means).pow(2).sum(-1) / (2 * var)
+    post = log_joint.softmax(1)
+    closed = (post[:, :, None] * (world.means + world.std ** 2 / var * (x[:, None] - world.means))).sum(1)
+    torch.testing.assert_close(exact_denoiser(world)(x, sigma), closed, rtol=1e-9, atol=1e-9)
+    at_mode = exact_denoiser(world)(world.means[:1].clone(), 1e-3)     # a mean is (almost) its own denoised value
+    torch.testing.assert_close(at_mode, world.means[:1], atol=1e-4, rtol=0)
 
-def test_frechet_distance_equals_scipy_reference():
-    g = np.random.default_rng(0)
-    for d in (5, 64):
-        A, B = g.normal(size=(d, d)), g.normal(size=(d, d))
-        s1, s2, m1, m2 = A @ A.T / d, B @ B.T / d + 0.1 * np.eye(d), g.normal(size=d), g.normal(size=d)
-        ref = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-        assert math.isclose(dmd.frechet_distance(m1, s1, m2, s2), ref, rel_tol=1e-6)
-    assert abs(dmd.frechet_distance(m1, s1, m1, s1)) < 1e-6
-
-def test_inception_score_limits():
-    assert math.isclose(dmd.inception_score(np.full((100, 10), 0.1)), 1.0, rel_tol=1e-6)
-    assert math.isclose(dmd.inception_score(np.eye(10)[np.arange(1000) % 10]), 10.0, rel_tol=1e-4)
+def test_fid_is_the_frechet_distance_of_the_features(tmp_path):
+    """fid() on features from the injected extractor equals ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) computed
+    here with scipy on the same features, in both modes."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=g)
+    fake = (real.float() * 0.7 + 40).clamp(0, 255).to(torch.uint8)
+    out = dmd.fid([fake[:150], fake[150:]], fake_extractor, str(tmp_path / 'ref_{mode}.npz'), lambda: real.split(100))
+    for mode, key in (('legacy_tensorflow', 'fid_legacy'), ('clean', 'fid_clean')):
+        f1, f2 = fake_extractor(fake, mode).astype(np.float64), fake_extractor(real, mode).astype(np.float64)
+        s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+        ref = ((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+        assert math.isclose(out[key], ref, rel_tol=1e-5) and ref > 1e-3, (mode, out[key], ref)
 
 def test_fid_path_on_synthetic_images(tmp_path):
     images, labels = dmd.load_cifar10(make_fake_cifar(tmp_path))
     assert images.shape == (200, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (200,)
     real = lambda: images.split(50)
-    same = dmd.fid_is(list(images.split(50)), fake_extractor, str(tmp_path / 'ref_{mode}.npz'), real)
-    noise = dmd.fid_is([torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)], fake_extractor, str(tmp_path / 'ref_{mode}.npz'), real)
-    assert set(same) == {'fid_legacy', 'fid_clean', 'is'} and os.path.exists(tmp_path / 'ref_clean.npz')
+    same = dmd.fid(list(images.split(50)), fake_extractor, str(tmp_path / 'ref_{mode}.npz'), real)
+    noise = dmd.fid([torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)], fake_extractor, str(tmp_path / 'ref_{mode}.npz'), real)
+    assert set(same) == {'fid_legacy', 'fid_clean'} and os.path.exists(tmp_path / 'ref_clean.npz')
     assert abs(same['fid_legacy']) < 1e-6 and noise['fid_legacy'] > 0.05 and noise['fid_clean'] > 0.05

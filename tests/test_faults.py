@@ -15,8 +15,6 @@ FAULTS = [  # (fault, outcome, test that asserts it)
      'test_faults.py::test_crash_while_writing_a_checkpoint_keeps_the_previous_one'),
     ('NaN in the weights (injected at step 20)', 'stops with "loss_... is nan at step 20" and the path of the last good checkpoint, whose weights are finite',
      'test_faults.py::test_nan_weights_stop_the_run_with_step_and_checkpoint'),
-    ('NaN loss on one process of a multi-GPU (`torchrun`) run', 'losses are averaged over processes before the check, so every process stops with the same message',
-     'test_dmd.py::test_ddp_nan_on_one_rank_stops_every_rank'),
     ('new run into an `--out` that holds a run', 'refused, one line: pass `--resume` or choose another `--out`', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
     ('`--resume` with other settings than the checkpoint (`--h`, `--ema-kimg`, ...; `--lr`, `--precision`, `--kimg` may change)',
      'refused, one line naming the flags that differ', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
@@ -42,7 +40,7 @@ SHORT = ['--data', 'toy', '--kimg', '16', '--batch', '256', '--eval-every', '8']
 
 def final_state(out):
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
-    return ck['state']['step'], ck['nets'], np.load(os.path.join(out, 'toy_samples.npy'))
+    return ck['step'], ck['nets'], np.load(os.path.join(out, 'toy_samples.npy'))
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_sigkill_then_resume_is_bit_identical(script, tmp_path, toy_teacher):
@@ -65,7 +63,7 @@ def test_sigkill_then_resume_is_bit_identical(script, tmp_path, toy_teacher):
     mod = importlib.import_module(script)
     with pytest.raises(SystemExit, match='already holds a run; pass --resume'):           # a new run into a used --out
         mod.train(mod.get_config([*SHORT, '--out', str(tmp_path / 'a')]))
-    with pytest.raises(SystemExit, match='was trained with --ema-kimg 5; pass the same'):  # a resume with other settings
+    with pytest.raises(SystemExit, match=r'was trained with --ema-kimg \d+(\.\d+)?; pass the same'):  # other settings
         mod.train(mod.get_config([*SHORT, '--out', str(tmp_path / 'a'), '--resume', '--ema-kimg', '7']))
 
 @pytest.mark.parametrize('script', SCRIPTS)
@@ -82,20 +80,21 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(script, tmp_pat
         mod.train(mod.get_config([*SHORT, '--out', str(out)]))
     monkeypatch.setattr(mod.torch, 'save', real_save)
     ck = torch.load(out / 'ckpt.pt', weights_only=False)      # the second checkpoint, intact
-    assert ck['state']['step'] > 0
+    assert ck['step'] > 0
     assert run(script, *SHORT, '--out', out, '--resume').returncode == 0
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_nan_weights_stop_the_run_with_step_and_checkpoint(script, tmp_path, toy_teacher, monkeypatch):
     mod = importlib.import_module(script)
     real_fit = mod.fit
-    def fit(cfg, ctx, world, nets, opts, step_fn, sampler):
-        count = [0]
+    def fit(cfg, world, nets, opts, step_fn, sampler):
+        count = 0
         def poisoned_step():
-            count[0] += 1
-            if count[0] == 20: next(nets['G'].parameters()).data.fill_(float('nan'))
+            nonlocal count
+            count += 1
+            if count == 20: next(nets['G'].parameters()).data.fill_(float('nan'))
             return step_fn()
-        return real_fit(cfg, ctx, world, nets, opts, poisoned_step, sampler)
+        return real_fit(cfg, world, nets, opts, poisoned_step, sampler)
     monkeypatch.setattr(mod, 'fit', fit)
     out = tmp_path / 'run'
     with pytest.raises(SystemExit) as e:
@@ -103,7 +102,7 @@ def test_nan_weights_stop_the_run_with_step_and_checkpoint(script, tmp_path, toy
     msg = str(e.value)
     assert 'is nan at step 20' in msg and str(out / 'ckpt.pt') in msg
     ck = torch.load(out / 'ckpt.pt', weights_only=False)
-    assert ck['state']['step'] < 20
+    assert ck['step'] < 20
     assert all(torch.isfinite(v).all() for net in ck['nets'].values() for v in net.values() if v.is_floating_point())
 
 def test_offline_downloads_name_the_url_and_the_place(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """gan_only.py: the blog's boxed equation (the discriminator-only gradient equals the Di-Bregman score-difference
 gradient under the optimal discriminator, and DMD's for KL), the KL coefficient, Table 1's weights in logit form,
 R1, and the toy distillation (with the check failing for the untrained student)."""
-import math
+import copy, math
 import pytest
 import torch
 import dmd
@@ -118,7 +118,7 @@ def test_boxed_coefficient_in_logits_is_table1_weight(h):
 def test_r1_penalty_and_disc_loss(toy_teacher):
     """R1 = E||grad_x l||^2 matches finite differences on the toy discriminator; Eq. (5) is minimised by the
     Bayes logit: for p = N(0, 1), q = N(1, 1), l* = 1/2 - x beats l* + 0.3 and l* - 0.3 x."""
-    disc = toy_teacher.__class__(**toy_teacher.kwargs); disc.load_state_dict(toy_teacher.state_dict())
+    disc = copy.deepcopy(toy_teacher).requires_grad_(True)
     x, sigma = torch.randn(16, 2), torch.full((16,), 0.5)
     r1 = go.r1_penalty(disc, x, sigma)
     e, fd = 1e-3, torch.zeros(16, 2)

@@ -19,7 +19,9 @@ def test_readme_has_the_commands_a_user_needs():
     for s in ('dmd', 'dibregman', 'gan_only', 'sid', 'consistency'):
         assert any(c.startswith(f'python {s}.py') for c in COMMANDS), s
     assert 'python -m pytest -q tests' in (ROOT / '.ci' / 'run').read_text()      # CI runs the README's test command
-    assert (ROOT / 'figures' / 'toy_gallery.png').exists()
+    for figure in ('toy_gallery.png', 'toy_training.gif', 'dibregman_modes.png'):
+        assert (ROOT / 'figures' / figure).exists() and f'figures/{figure}' in README, figure
+    assert (ROOT / 'figures' / 'toy_training.gif').stat().st_size < 3.5e6
 
 @pytest.mark.parametrize('cmd', [c for c in COMMANDS if re.match(r'(python|torchrun)( --nproc_per_node=\d+)? \w+\.py', c)])
 def test_script_command_parses(cmd, capsys):

@@ -1,5 +1,7 @@
 """SiD (seed 003 section 5.3): the 1-D Gaussian argument of 5.3.1 on the code's loss, the signs of
 the two terms of Eq. (83), the generator-loss noise range, and the toy distillation."""
+import math
+import pytest
 import torch
 import sid
 from conftest import matches_mixture, run, toy_metrics
@@ -72,7 +74,48 @@ def test_generator_noise_range_matches_official_tmax():
 
 def test_toy_distillation_matches_mixture(tmp_path, toy_teacher):
     z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(): untrained = sid.GaussianMixture2D().metrics(sid.generate(toy_teacher, z, sigma=sid.SIGMA_INIT))
+    with torch.no_grad(): untrained = sid.GaussianMixture2D().metrics(sid.generate(toy_teacher, z, sigma=2.5))
     assert not matches_mixture(untrained), untrained                              # the check can fail
     m = toy_metrics('sid', tmp_path / 'toy')
     assert matches_mixture(m), m
+
+def test_augment_p0_is_the_identity_with_zero_labels():
+    x = torch.randn(8, 3, 32, 32)
+    y, labels = sid.augment(x, 0.0)
+    assert torch.allclose(y, x, atol=1e-5) and labels.shape == (8, 9) and not labels.any()
+
+def test_augment_transforms_are_exact_and_labelled():
+    """EDM's AugmentPipe semantics on a test image: flips, rotations by 90 degrees and integer translations are exact;
+    the 9 labels are [xflip, yflip, scale, cos - 1, sin, aniso cos, aniso sin, tx, ty] of what was applied."""
+    torch.manual_seed(0)
+    img = torch.rand(1, 3, 16, 16) * 2 - 1
+    x = img.expand(4000, -1, -1, -1).contiguous()
+    y, L = sid.augment(x, 1.0)                                    # every transform on every sample
+    assert set(L[:, 0].tolist()) == {0.0, 1.0} and set(L[:, 1].tolist()) == {0.0, 1.0}
+    assert L[:, 0].mean().item() == pytest.approx(0.5, abs=0.05)
+    torch.testing.assert_close((L[:, 3] + 1) ** 2 + L[:, 4] ** 2, torch.ones(4000))   # cos and sin of one angle
+    y, L = sid.augment(x, 0.12)
+    assert L[:, 0].mean().item() == pytest.approx(0.5, abs=0.05)                    # xflip: 1e8 p, then a coin
+    assert (L[:, 2] != 0).float().mean().item() == pytest.approx(0.12, abs=0.03)     # scale picked with p
+    plain = L[:, 1:].abs().sum(1) == 0                                               # only x-flipped, or nothing
+    torch.testing.assert_close(y[plain & (L[:, 0] == 0)], x[plain & (L[:, 0] == 0)], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[plain & (L[:, 0] == 1)], x[plain & (L[:, 0] == 1)].flip(3), atol=1e-5, rtol=0)
+
+def test_augment_geometry_is_exact():
+    """sid.transform with given draws: flips, rotations by 90 degrees and integer shifts move pixels exactly; a rotation
+    by +90 degrees is the y-down rotation EDM's matrices make (output (u, v) samples input (-v, u))."""
+    img = torch.rand(1, 2, 16, 16)
+    zero, one, zeros2 = torch.zeros(1), torch.ones(1), torch.zeros(1, 2)
+    def T(xflip=zero, yflip=zero, scale=zero, rot=zero, aniso=zero, r=zero, t=zeros2):
+        return sid.transform(img, xflip, yflip, scale, rot, aniso, r, t)
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    close(T(), img)
+    close(T(xflip=one), img.flip(3))
+    close(T(yflip=one), img.flip(2))
+    close(T(xflip=one, yflip=one), img.flip(2).flip(3))
+    close(T(rot=torch.tensor([math.pi / 2])), torch.rot90(img, 1, (2, 3)))
+    close(T(rot=torch.tensor([math.pi])), img.flip(2).flip(3))
+    close(T(aniso=one, r=zero), T(aniso=one, r=torch.tensor([math.pi])))   # the aniso axis: r and r + pi agree
+    close(T(t=torch.tensor([[0.5, 0.0]]))[..., 1:], img[..., :-1])      # 0.5 x W / 8 = 1 pixel to the right
+    close(T(t=torch.tensor([[0.0, 1.0]]))[..., 2:, :], img[..., :-2, :])  # 2 pixels down
+    assert not torch.allclose(T(scale=one), img, atol=1e-2)               # a scale moves pixels
