@@ -21,12 +21,12 @@ branch sida, run_sida.sh): G(z) = D(2.5 z, 2.5) (--init-sigma), batch 256, lr 1e
 (0, 0.999), eps 1e-8, EMA half-life 500 kimg, psi's loss at EDM's lognormal sigma and weight summed over a sample,
 fp32 without TF32 (--precision fp32; bf16 is far faster). Ours: --kimg 20000 (SiDA: 300000), --weight-group 8, an
 unweighted Eq. (5). The toy keeps what works there: G(z) = D(80 z, 80), batch 512, lr 3e-4, a linear head, and
-for stable proportions 1200 kimg, --weight-group 32 and an EMA of 50 kimg.
+1200 kimg with an EMA of 50 kimg, over which the proportions settle.
 Departures: --weight-group K samples share sigma, h''(r) r divided by its mean over them (a choice of Eq. 4's free
 w(t)); one logit per sample (SiDA: per 8 x 8 position); no EMA ramp-up, no augmentation for psi (SiDA: p = 0.12);
 the DDPM++ teacher (appendix D distils NCSN++).
 """
-import argparse, collections, copy, functools, inspect, io, json, math, os, pickle, resource, signal, time
+import argparse, collections, copy, functools, inspect, io, json, math, os, pickle, resource, signal, time, types
 import numpy as np
 import torch
 import torch.nn as nn
@@ -37,9 +37,9 @@ from tqdm import tqdm
 # Config: the shared flags (parser), then Di-Bregman's; DEFAULTS holds the defaults that differ by --data.
 
 DEFAULTS = {'cifar10': dict(kimg=20000, batch=256, lr=1e-5, ema_kimg=500, eval_every=1000, log_every=100,
-                            init_sigma=2.5, precision='fp32', disc_head='mean', weight_group=8),
+                            init_sigma=2.5, precision='fp32', disc_head='mean'),
             'toy': dict(kimg=1200, batch=512, lr=3e-4, ema_kimg=50, eval_every=60, log_every=200, init_sigma=80.0,
-                        precision='auto', disc_head='linear', weight_group=32)}
+                        precision='auto', disc_head='linear')}
 
 def get_config(argv=None):
     p = parser(__file__, 'Di-Bregman: Bregman density-ratio matching distillation.')
@@ -49,7 +49,7 @@ def get_config(argv=None):
     A('--lam', type=number(float, lambda v: True, 'a number'), default=5.0, help='SBA lambda (appendix F: 3-10 best)')
     A('--init-sigma', type=pos_float, help='G(z) = D(sigma z, sigma) (SiDA: 2.5)')
     A('--w-gan', type=nonneg_float, default=0.0, help='weight of the GAN term -log D(x_t) of G (0: off, as the paper)')
-    A('--weight-group', type=nonneg_int, help="K samples share sigma and the mean of h''(r) r (0: raw)")
+    A('--weight-group', type=nonneg_int, default=8, help="K samples share sigma and the mean of h''(r) r (0: raw)")
     A('--disc-head', choices=['mean', 'linear'], help="logit: the mean of psi's bottleneck, or a linear map of it")
     A('--lr-fake', type=pos_float, help='learning rate of psi and its discriminator (default: --lr)')
     cfg = finish_config(p, argv, DEFAULTS)
@@ -109,7 +109,8 @@ def train(cfg, extract=None):
     G, fake = [copy.deepcopy(world.teacher).requires_grad_(True) for _ in range(2)]   # theta, psi <- phi (line 1)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)                            # (eval mode: no dropout)
     if cfg.disc_head == 'linear':                                # eta's own parameters, starting as the mean head
-        C = world.teacher(torch.zeros(1, *world.shape, device=world.device), 1.0, return_features=True)[1].shape[1]
+        c = F.one_hot(torch.zeros(1, dtype=torch.long, device=world.device), 10).float() if world.label_dim else None
+        C = world.teacher(torch.zeros(1, *world.shape, device=world.device), 1.0, c, return_features=True)[1].shape[1]
         fake.disc_head = nn.Linear(C, 1).to(world.device)
         nn.init.constant_(fake.disc_head.weight, 1 / C)
         nn.init.zeros_(fake.disc_head.bias)
@@ -254,8 +255,7 @@ class SongUNet(nn.Module):
             x = block(x, emb)
         return blocks[-1](F.silu(blocks[-2](x))), feat
 
-def edm_precond(sigma, sigma_data):
-    """EDM Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise). Returns c_skip, c_out, c_in, c_noise."""
+def edm_precond(sigma, sigma_data):   # EDM Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)
     s2 = sigma ** 2 + sigma_data ** 2
     return sigma_data ** 2 / s2, sigma * sigma_data / s2.sqrt(), 1 / s2.sqrt(), sigma.log() / 4
 
@@ -301,11 +301,7 @@ def download(url, dst):   # with a progress bar, through a temp file and a renam
         raise SystemExit(f'error: could not download {url} ({e}). Download it by hand and put it at {dst}')
     return dst
 
-class _Stub:   # stands in for a class of the official pickle: keeps its name and state, runs nothing
-    def __init__(self, class_name='?', state=None):
-        self.class_name, self.state = class_name, state or {}
-    def __setstate__(self, state):
-        self.state = state
+_Stub = types.SimpleNamespace   # stands in for the official pickle's classes: keeps their name and state, runs nothing
 
 class _SafeUnpickler(pickle.Unpickler):
     """EDM's network pickles without dnnlib and torch_utils: persistent objects (whose stored source EDM would exec())
@@ -314,7 +310,8 @@ class _SafeUnpickler(pickle.Unpickler):
                ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
                ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
                ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True),
-               ('torch_utils.persistence', '_reconstruct_persistent_obj'): lambda m: _Stub(m['class_name'], m['state']),
+               ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+                   lambda m: _Stub(class_name=m['class_name'], **m['state']),
                **{(m, 'scalar'): lambda dtype, b: np.frombuffer(b, dtype)[0] for m in ('numpy.core.multiarray',
                                                                                          'numpy._core.multiarray')},
                ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype, ('builtins', 'set'): set}
@@ -325,9 +322,9 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f'refusing to load global {module}.{name}')
 
 def _stub_state_dict(stub, prefix=''):   # the state_dict of a module that was unpickled into _Stubs
-    tensors = {**stub.state.get('_parameters', {}), **stub.state.get('_buffers', {})}
+    tensors = {**getattr(stub, '_parameters', {}), **getattr(stub, '_buffers', {})}
     sd = {prefix + k: v for k, v in tensors.items() if v is not None}
-    for k, child in stub.state.get('_modules', {}).items():
+    for k, child in getattr(stub, '_modules', {}).items():
         if child is not None: sd.update(_stub_state_dict(child, prefix + k + '.'))
     return sd
 
@@ -343,12 +340,12 @@ def load_edm(source, device='cpu'):
         ema = data['ema'] if isinstance(data, dict) else None                         # EDM's network pickle entry
         if not (isinstance(ema, _Stub) and ema.class_name == 'EDMPrecond'):
             raise ValueError(f"'ema' is {getattr(ema, 'class_name', type(ema).__name__)}, not an EDMPrecond")
-        unet = ema.state['_modules']['model']
-        init = unet.state.get('_init_kwargs', {})
+        unet = ema._modules['model']
+        init = getattr(unet, '_init_kwargs', {})
         if unet.class_name != 'SongUNet' or init.get('embedding_type', 'positional') != 'positional':
             raise ValueError('only the DDPM++ SongUNet (EDM\'s CIFAR-10 "vp" networks) is supported')
         kwargs = {k: v for k, v in init.items() if k in inspect.signature(SongUNet).parameters and k != 'label_dim'}
-        net = EDMPrecond(label_dim=int(ema.state['label_dim']), sigma_data=float(ema.state['sigma_data']), **kwargs)
+        net = EDMPrecond(label_dim=int(ema.label_dim), sigma_data=float(ema.sigma_data), **kwargs)
         net.load_state_dict(_stub_state_dict(ema), strict=True)
     except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, EOFError, AttributeError, TypeError) as e:
         raise SystemExit(f'error: {source} is not a usable EDM network ({type(e).__name__}: {str(e)[:300]}). '
@@ -616,7 +613,7 @@ class World:
         self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         self.bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and self.device.type == 'cuda')
         if self.device.type == 'cuda':
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device.index or 0)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != 'fp32'
         torch.manual_seed(cfg.seed)
         if cfg.data == 'toy':
@@ -678,7 +675,7 @@ class World:
 
 # Settings that --resume may change (and every --lr*); it refuses a checkpoint trained with any other that differs.
 RESUMABLE = ('resume', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out', 'compile',
-             'device', 'precision')
+             'device', 'precision', 'sample_steps')
 
 def load_checkpoint(cfg, world, nets, opts, path):
     """--resume: restores nets, optimizers (with this run's learning rates) and the RNG; returns the step."""
@@ -695,11 +692,13 @@ def load_checkpoint(cfg, world, nets, opts, path):
         for g, lr in zip(opt.param_groups, lrs):
             g['lr'] = lr
     torch.set_rng_state(ck['rng'])
-    if world.device.type == 'cuda': torch.cuda.set_rng_state(ck['cuda_rng'])
+    if world.device.type == 'cuda' and ck['cuda_rng'] is not None: torch.cuda.set_rng_state(ck['cuda_rng'])
     print(f"resumed from {path} at step {ck['step']}")
     return ck['step']
 
 def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly
+    bad = [k for k, m in nets.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
+    if bad: raise FloatingPointError(f'{bad[0]} has weights that are not finite at step {step}')   # keep the last good
     rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if world.device.type == 'cuda' else None
     nets, opts = {k: m.state_dict() for k, m in nets.items()}, {k: o.state_dict() for k, o in opts.items()}
     atomic_save(dict(nets=nets, opts=opts, step=step, rng=rng, cuda_rng=cuda_rng, cfg=vars(cfg)), path)

@@ -19,7 +19,7 @@ Code: disc_logit (D_eta), bregman_weight and sample_weight (Table 1, as dibregma
 5), r1_penalty (R1 = E ||grad_x l||^2 on noised real samples). Departures: appendix H gives only the gradient; the
 loss form, R1, one noise range for both players, the weight's clamp and normaliser, and all defaults are ours.
 """
-import argparse, collections, copy, functools, inspect, io, json, math, os, pickle, resource, signal, time
+import argparse, collections, copy, functools, inspect, io, json, math, os, pickle, resource, signal, time, types
 import numpy as np
 import torch
 import torch.nn as nn
@@ -241,8 +241,7 @@ class SongUNet(nn.Module):
             x = block(x, emb)
         return blocks[-1](F.silu(blocks[-2](x))), feat
 
-def edm_precond(sigma, sigma_data):
-    """EDM Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise). Returns c_skip, c_out, c_in, c_noise."""
+def edm_precond(sigma, sigma_data):   # EDM Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)
     s2 = sigma ** 2 + sigma_data ** 2
     return sigma_data ** 2 / s2, sigma * sigma_data / s2.sqrt(), 1 / s2.sqrt(), sigma.log() / 4
 
@@ -288,11 +287,7 @@ def download(url, dst):   # with a progress bar, through a temp file and a renam
         raise SystemExit(f'error: could not download {url} ({e}). Download it by hand and put it at {dst}')
     return dst
 
-class _Stub:   # stands in for a class of the official pickle: keeps its name and state, runs nothing
-    def __init__(self, class_name='?', state=None):
-        self.class_name, self.state = class_name, state or {}
-    def __setstate__(self, state):
-        self.state = state
+_Stub = types.SimpleNamespace   # stands in for the official pickle's classes: keeps their name and state, runs nothing
 
 class _SafeUnpickler(pickle.Unpickler):
     """EDM's network pickles without dnnlib and torch_utils: persistent objects (whose stored source EDM would exec())
@@ -301,7 +296,8 @@ class _SafeUnpickler(pickle.Unpickler):
                ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
                ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
                ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True),
-               ('torch_utils.persistence', '_reconstruct_persistent_obj'): lambda m: _Stub(m['class_name'], m['state']),
+               ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+                   lambda m: _Stub(class_name=m['class_name'], **m['state']),
                **{(m, 'scalar'): lambda dtype, b: np.frombuffer(b, dtype)[0] for m in ('numpy.core.multiarray',
                                                                                          'numpy._core.multiarray')},
                ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype, ('builtins', 'set'): set}
@@ -312,9 +308,9 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f'refusing to load global {module}.{name}')
 
 def _stub_state_dict(stub, prefix=''):   # the state_dict of a module that was unpickled into _Stubs
-    tensors = {**stub.state.get('_parameters', {}), **stub.state.get('_buffers', {})}
+    tensors = {**getattr(stub, '_parameters', {}), **getattr(stub, '_buffers', {})}
     sd = {prefix + k: v for k, v in tensors.items() if v is not None}
-    for k, child in stub.state.get('_modules', {}).items():
+    for k, child in getattr(stub, '_modules', {}).items():
         if child is not None: sd.update(_stub_state_dict(child, prefix + k + '.'))
     return sd
 
@@ -330,12 +326,12 @@ def load_edm(source, device='cpu'):
         ema = data['ema'] if isinstance(data, dict) else None                         # EDM's network pickle entry
         if not (isinstance(ema, _Stub) and ema.class_name == 'EDMPrecond'):
             raise ValueError(f"'ema' is {getattr(ema, 'class_name', type(ema).__name__)}, not an EDMPrecond")
-        unet = ema.state['_modules']['model']
-        init = unet.state.get('_init_kwargs', {})
+        unet = ema._modules['model']
+        init = getattr(unet, '_init_kwargs', {})
         if unet.class_name != 'SongUNet' or init.get('embedding_type', 'positional') != 'positional':
             raise ValueError('only the DDPM++ SongUNet (EDM\'s CIFAR-10 "vp" networks) is supported')
         kwargs = {k: v for k, v in init.items() if k in inspect.signature(SongUNet).parameters and k != 'label_dim'}
-        net = EDMPrecond(label_dim=int(ema.state['label_dim']), sigma_data=float(ema.state['sigma_data']), **kwargs)
+        net = EDMPrecond(label_dim=int(ema.label_dim), sigma_data=float(ema.sigma_data), **kwargs)
         net.load_state_dict(_stub_state_dict(ema), strict=True)
     except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, EOFError, AttributeError, TypeError) as e:
         raise SystemExit(f'error: {source} is not a usable EDM network ({type(e).__name__}: {str(e)[:300]}). '
@@ -603,7 +599,7 @@ class World:
         self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         self.bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and self.device.type == 'cuda')
         if self.device.type == 'cuda':
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device.index or 0)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != 'fp32'
         torch.manual_seed(cfg.seed)
         if cfg.data == 'toy':
@@ -665,7 +661,7 @@ class World:
 
 # Settings that --resume may change (and every --lr*); it refuses a checkpoint trained with any other that differs.
 RESUMABLE = ('resume', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out', 'compile',
-             'device', 'precision')
+             'device', 'precision', 'sample_steps')
 
 def load_checkpoint(cfg, world, nets, opts, path):
     """--resume: restores nets, optimizers (with this run's learning rates) and the RNG; returns the step."""
@@ -682,11 +678,13 @@ def load_checkpoint(cfg, world, nets, opts, path):
         for g, lr in zip(opt.param_groups, lrs):
             g['lr'] = lr
     torch.set_rng_state(ck['rng'])
-    if world.device.type == 'cuda': torch.cuda.set_rng_state(ck['cuda_rng'])
+    if world.device.type == 'cuda' and ck['cuda_rng'] is not None: torch.cuda.set_rng_state(ck['cuda_rng'])
     print(f"resumed from {path} at step {ck['step']}")
     return ck['step']
 
 def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly
+    bad = [k for k, m in nets.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
+    if bad: raise FloatingPointError(f'{bad[0]} has weights that are not finite at step {step}')   # keep the last good
     rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if world.device.type == 'cuda' else None
     nets, opts = {k: m.state_dict() for k, m in nets.items()}, {k: o.state_dict() for k, o in opts.items()}
     atomic_save(dict(nets=nets, opts=opts, step=step, rng=rng, cuda_rng=cuda_rng, cfg=vars(cfg)), path)

@@ -132,8 +132,9 @@ def test_toy_every_h_keeps_every_mode_and_sba_freezes_the_proportions(tmp_path, 
     """python dibregman.py --data toy --h lr / be / kl / sba --lam 5 (their defaults, 1200 kimg): every run finishes with
     finite losses and keeps all eight modes, each with at least 0.5% of the samples (a generator collapsed onto three
     modes fails that). lr and be come near the mixture (mode_tv < 0.08, precision > 0.7; the untrained student does
-    not), SBA lambda 5 misweights the modes at least twice as much (README, "Di-Bregman on the toy"). The tests'
-    0.05 threshold is not asserted for lr and be: over seeds and settings their final mode_tv ranged 0.021-0.064."""
+    not); SBA lambda 5 leaves much of its mass between the modes (precision < 0.55) and misweights them more (README,
+    "Di-Bregman on the toy"). The other tests' 0.05 is not asserted for lr and be: their final mode_tv ranged
+    0.021-0.064 over seeds and settings."""
     hs = {'lr': ['--h', 'lr'], 'be': ['--h', 'be'], 'kl': ['--h', 'kl'], 'sba': ['--h', 'sba', '--lam', '5']}
     assert toy_runs('dibregman', [(tmp_path / h, args) for h, args in hs.items()]) == [0, 0, 0, 0]
     mixture = db.GaussianMixture2D()
@@ -145,7 +146,7 @@ def test_toy_every_h_keeps_every_mode_and_sba_freezes_the_proportions(tmp_path, 
         assert mode_frequencies(samples[h]).min() >= 0.005, (h, mode_frequencies(samples[h]))
     for h in ('lr', 'be'):
         assert metrics[h]['mode_tv'] < 0.08 and metrics[h]['precision'] > 0.7, (h, metrics[h])
-    assert metrics['sba']['mode_tv'] > 2 * max(metrics['lr']['mode_tv'], metrics['be']['mode_tv']), metrics
+    assert metrics['sba']['precision'] < 0.55 and metrics['sba']['mode_tv'] > metrics['lr']['mode_tv'], metrics
     z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))
     with torch.no_grad(): untrained = mixture.metrics(db.generate(toy_teacher, z))
     assert not (untrained['mode_tv'] < 0.08 and untrained['precision'] > 0.7), untrained
@@ -169,3 +170,9 @@ def test_cifar10_defaults_are_the_papers_and_sidas(monkeypatch, tmp_path):
     db.train(db.get_config(['--data', 'toy', '--out', str(tmp_path), '--kimg', '4', '--eval-every', '4']))
     log_sigma = torch.cat(sigmas).log()
     assert abs(log_sigma.mean() + 1.2) < 0.05 and abs(log_sigma.std() - 1.2) < 0.05
+
+def test_conditional_run_with_a_linear_head(tmp_path):
+    """--cond with --disc-head linear: the head is sized from a labelled teacher pass (a step runs)."""
+    res = db.train(db.get_config(['--cond', '--disc-head', 'linear', '--teacher', 'random', '--model-channels', '16',
+                                  '--bench', '1', '--batch', '8', '--device', 'cpu']))
+    assert res['ms_per_step'] > 0

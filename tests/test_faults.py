@@ -15,6 +15,8 @@ FAULTS = [  # (fault, outcome, test that asserts it)
      'test_faults.py::test_crash_while_writing_a_checkpoint_keeps_the_previous_one'),
     ('NaN in the weights (injected at step 20)', 'stops with "loss_... is nan at step 20" and the path of the last good checkpoint, whose weights are finite',
      'test_faults.py::test_nan_weights_stop_the_run_with_step_and_checkpoint'),
+    ('weights turned NaN by the update of a checkpoint step', 'stops before writing them ("G has weights that are not finite at step 12"); the checkpoint on disk is the previous one',
+     'test_faults.py::test_nan_weights_from_an_update_are_never_checkpointed'),
     ('new run into an `--out` that holds a run', 'refused, one line: pass `--resume` or choose another `--out`', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
     ('`--resume` with other settings than the checkpoint (`--h`, `--ema-kimg`, ...; `--lr`, `--precision`, `--kimg` may change)',
      'refused, one line naming the flags that differ', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
@@ -104,6 +106,27 @@ def test_nan_weights_stop_the_run_with_step_and_checkpoint(script, tmp_path, toy
     ck = torch.load(out / 'ckpt.pt', weights_only=False)
     assert ck['step'] < 20
     assert all(torch.isfinite(v).all() for net in ck['nets'].values() for v in net.values() if v.is_floating_point())
+
+def test_nan_weights_from_an_update_are_never_checkpointed(tmp_path, toy_teacher, monkeypatch):
+    """Weights that become NaN in the update of a checkpoint step (after the losses of that step were computed and
+    found finite) stop the run before they are written: the checkpoint on disk stays the last good one."""
+    import dmd
+    real_fit = dmd.fit
+    def fit(cfg, world, nets, opts, step_fn, sampler):
+        count = 0
+        def poisoned_after_step():
+            nonlocal count
+            losses = step_fn()
+            count += 1
+            if count == 12: next(nets['G'].parameters()).data.fill_(float('nan'))   # 12: a checkpoint step
+            return losses
+        return real_fit(cfg, world, nets, opts, poisoned_after_step, sampler)
+    monkeypatch.setattr(dmd, 'fit', fit)
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match='G has weights that are not finite at step 12'):
+        dmd.train(dmd.get_config([*SHORT, '--out', str(out), '--log-every', '50', '--lambda-reg', '0']))
+    ck = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ck['step'] == 6 and all(torch.isfinite(v).all() for v in ck['nets']['G'].values() if v.is_floating_point())
 
 def test_offline_downloads_name_the_url_and_the_place(tmp_path, monkeypatch):
     import dmd

@@ -9,7 +9,7 @@ random (--teacher random), the data synthetic (--bench, or a synthetic CIFAR-10 
 FID is off, because neither the EDM pickle nor the Inception and VGG weights are on such a machine. Budget: --bench 20
 in bf16 and --bench 10 in tf32 for each script, --compile for dmd.py only (compilation takes a minute or more).
 """
-import os, re, subprocess, sys, time
+import json, os, re, subprocess, sys, time
 import pytest
 import torch
 from conftest import ROOT, SCRIPTS, make_fake_cifar
@@ -44,7 +44,8 @@ def test_short_full_size_run_with_resume(script, tmp_path, vgg_weights):
     run(script, *args, '--kimg', 0.128)                        # 2 steps
     run(script, *args, '--kimg', 0.256, '--resume')            # 2 more
     ck = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)
-    assert ck['step'] == 4 and (tmp_path / 'run' / 'samples.png').exists()
+    rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+    assert ck['step'] == 4 and [r['step'] for r in rows] == [2, 4] and (tmp_path / 'run' / 'samples.png').exists()
     print(f'{script}: short run with resume in {time.time() - t0:.0f} s')
 
 def test_print_the_table(tmp_path_factory):

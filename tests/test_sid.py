@@ -119,3 +119,10 @@ def test_augment_geometry_is_exact():
     close(T(t=torch.tensor([[0.5, 0.0]]))[..., 1:], img[..., :-1])      # 0.5 x W / 8 = 1 pixel to the right
     close(T(t=torch.tensor([[0.0, 1.0]]))[..., 2:, :], img[..., :-2, :])  # 2 pixels down
     assert not torch.allclose(T(scale=one), img, atol=1e-2)               # a scale moves pixels
+
+def test_augment_resamples_in_fp32_under_bf16_autocast():
+    """The pipe runs with autocast off: under bf16 autocast (the CUDA default) an identity draw still returns the image."""
+    img, zero = torch.randn(2, 3, 32, 32), torch.zeros(2)
+    with torch.autocast('cpu', torch.bfloat16):
+        y = sid.transform(img, zero, zero, zero, zero, zero, zero, torch.zeros(2, 2))
+    assert y.dtype == torch.float32 and (y - img).abs().max() < 1e-5
