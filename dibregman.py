@@ -9,7 +9,7 @@ images against G's samples (Eq. 5). Zhu et al., "One-step Diffusion Models with 
 arXiv 2510.16983 (seed 001); Algorithm 1 and Table 1 are cited below.
 
     python dibregman.py --h sba --lam 5             # CIFAR-10 uncond on one H100: the paper's run (fp32, see below)
-    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, about 80 s; any h: lr kl be ls sba
+    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, about 50 s; any h: lr kl be ls sba
 Expected: CIFAR-10, the paper's one-step FID is 3.61 (clean-fid, SBA lambda 5, uncond). Toy: lr and be match the
 mixture; kl and sba 5 keep the eight modes but freeze their proportions (README: "Di-Bregman on the toy").
 Code: bregman_weight (Table 1's h''(r) r at r = e^{-l}), disc_logit and disc_loss (eta, Eq. 5), dibregman_loss (Eq.
