@@ -18,7 +18,7 @@ iCT's pseudo-Huber (on the sum, c = 0.00054 sqrt(dim)), curriculum and lognormal
 weight by 1/(t_{n+1} - t_n) (iCT; CM's CD: 1); Adam, not RAdam; no dropout; CT starts from the teacher, as ECT does;
 the toy draws n uniformly (CM), N <= 81; batch, lr, EMA and --kimg are ours.
 """
-import argparse, collections, copy, functools, inspect, io, json, math, os, pickle, resource, signal, time, types
+import argparse, collections, copy, datetime, functools, inspect, io, json, math, os, pickle, resource, signal, time
 import numpy as np
 import torch
 import torch.nn as nn
@@ -28,10 +28,10 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # Config: the shared flags (parser), then the consistency flags; DEFAULTS holds those that differ by --data.
 
-DEFAULTS = {'cifar10': dict(kimg=50000, batch=512, lr=1e-4, ema_kimg=500, eval_every=2000, log_every=100,
+DEFAULTS = {'cifar10': dict(kimg=50000, batch=512, batch_gpu=128, lr=1e-4, ema_kimg=500, eval_every=2000, log_every=100,
                             ct_scales=[10, 1280], ct_noise='lognormal'),
-            'toy': dict(kimg=600, batch=256, lr=1e-3, ema_kimg=5, eval_every=30, log_every=200, ct_scales=[10, 80],
-                        ct_noise='uniform')}
+            'toy': dict(kimg=600, batch=256, batch_gpu=256, lr=1e-3, ema_kimg=5, eval_every=30, log_every=200,
+                        ct_scales=[10, 80], ct_noise='uniform')}
 
 def get_config(argv=None):
     p = parser(__file__, 'Consistency distillation / training of an EDM teacher.')
@@ -111,7 +111,7 @@ def train(cfg, extract=None):
     world = World(cfg, extract)
     G = Consistency(copy.deepcopy(world.teacher).requires_grad_(True))          # f_theta starts from the teacher
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)                       # (eval mode: no dropout)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, fused=world.device.type == 'cuda')
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, fused=True)
     g = torch.Generator(world.device).manual_seed(cfg.seed)
 
     def sampler(z, c):
@@ -127,29 +127,32 @@ def train(cfg, extract=None):
             metrics = world.evaluate(sampler, ck['step'] * cfg.batch / 1000, final=True)
         print(json.dumps(dict(sample_steps=cfg.sample_steps, **metrics)))
         return
-    loss = lpips_vgg(world.device, pretrained=not cfg.bench) if cfg.loss == 'lpips' else cfg.loss
+    metric = world.once(lpips_vgg, world.device, not cfg.bench) if cfg.loss == 'lpips' else cfg.loss
     huber_c, total = 0.00054 * math.sqrt(math.prod(world.shape)), math.ceil(cfg.kimg * 1000 / cfg.batch)
     G_c, teacher_c = world.compiled(G), world.compiled(world.teacher)
-    k = None                                                                   # CT's step, for the curriculum
+    k, B = None, world.batch                                                   # CT's step, for the curriculum
+
+    def loss_cm(x0, c, z, t_hi, t_lo):   # one micro-batch of Eq. (12) (CD: a teacher Heun step) or Eq. (27) (CT)
+        x = x0 + as_sigma(t_hi, x0) * z
+        if cfg.mode == 'cd':
+            with torch.no_grad():
+                x_hat = heun_step(teacher_c, x, t_hi, t_lo, c)
+        else:
+            x_hat = x0 + as_sigma(t_lo, x0) * z                                # the same z (Eq. 20)
+        loss = cm_loss(G_c, G_c, x, t_hi, x_hat, t_lo, c, metric, huber_c)
+        return loss, {f'loss_{cfg.mode}': loss}
 
     def step():
         nonlocal k
-        x0, c = world.real(cfg.batch)                                          # both modes draw x0 ~ p_data
+        x0, c = world.real(B)                                                  # both modes draw x0 ~ p_data
         z = torch.randn_like(x0)
         if cfg.mode == 'cd':                                                   # n uniform on the --scales grid
-            t_hi, t_lo = sigma_pairs(cfg.batch, cfg.scales, world.device)
-            x = x0 + as_sigma(t_hi, x0) * z
-            with torch.no_grad():
-                x_hat = heun_step(teacher_c, x, t_hi, t_lo, c)
-            losses = dict(loss_cd=cm_loss(G_c, G_c, x, t_hi, x_hat, t_lo, c, loss, huber_c))   # Eq. (12)
+            t_hi, t_lo = sigma_pairs(B, cfg.scales, world.device)
         else:
             if k is None: k = int(next(iter(opt_G.state.values()))['step']) if opt_G.state else 0   # after --resume
-            N = ct_scales(k, total, *cfg.ct_scales)
-            t_hi, t_lo = sigma_pairs(cfg.batch, N, world.device, cfg.ct_noise == 'lognormal')
-            x, x_hat = x0 + as_sigma(t_hi, x0) * z, x0 + as_sigma(t_lo, x0) * z
-            losses = dict(loss_ct=cm_loss(G_c, G_c, x, t_hi, x_hat, t_lo, c, loss, huber_c))   # Eq. (27)
+            t_hi, t_lo = sigma_pairs(B, ct_scales(k, total, *cfg.ct_scales), world.device, cfg.ct_noise == 'lognormal')
             k += 1
-        world.step(opt_G, *losses.values())
+        losses = world.step(opt_G, loss_cm, x0, c, z, t_hi, t_lo)            # the same draws for any --batch-gpu
         ema_update(G_ema, G, cfg.batch, cfg.ema_kimg)
         return losses
 
@@ -303,7 +306,7 @@ def download(url, dst):   # with a progress bar, through a temp file and a renam
         raise SystemExit(f'error: could not download {url} ({e}). Download it by hand and put it at {dst}')
     return dst
 
-_Stub = types.SimpleNamespace   # stands in for the official pickle's classes: keeps their name and state, runs nothing
+_Stub = argparse.Namespace   # stands in for the official pickle's classes: keeps their name and state, runs nothing
 
 class _SafeUnpickler(pickle.Unpickler):
     """EDM's network pickles without dnnlib and torch_utils: persistent objects (whose stored source EDM would exec())
@@ -363,9 +366,9 @@ def sample_sigma(n, device, u_min=0.02, u_max=0.98):   # sigma = karras(u), u ~ 
 def generate(G, z, c=None, sigma=SIGMA_MAX):   # a one-step generator from a denoiser: G(z) = D(sigma z, sigma)
     return G(z * sigma, sigma, c)
 
-def edm_loss(net, x, sigma, class_labels=None, augment_labels=None):   # EDM's lambda(sigma) ||D(x + sigma n) - x||^2
+def edm_loss(net, x, sigma, n, class_labels=None, augment_labels=None):   # EDM's lambda(sigma) ||D(x + sigma n) - x||^2
     sigma = as_sigma(sigma, x)
-    D = net(x + sigma * torch.randn_like(x), sigma, class_labels, augment_labels=augment_labels)
+    D = net(x + sigma * n, sigma, class_labels, augment_labels=augment_labels)
     lam = (sigma ** 2 + net.sigma_data ** 2) / (sigma * net.sigma_data) ** 2
     return (lam * (D - x) ** 2).mean()
 # === END SHARED: EDM teacher ===
@@ -383,12 +386,10 @@ class GaussianMixture2D:   # k Gaussians of std `std` on a circle of radius `rad
     def sample(self, n, generator=None):
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         return (self.means[k] + self.std * torch.randn(n, 2, dtype=torch.float64, generator=generator)).float()
-    def _log_joint(self, x, sigma=0.0):   # log w_k N(x; m_k, (std^2 + sigma^2) I), (N, K)
+    def log_prob(self, x, sigma=0.0):   # log sum_k w_k N(x; m_k, (std^2 + sigma^2) I)
         var = self.std ** 2 + torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1) ** 2
         d2 = (x.double()[:, None, :] - self.means.to(x.device)).pow(2).sum(-1)
-        return self.weights.to(x.device).log() - d2 / (2 * var) - torch.log(2 * math.pi * var)
-    def log_prob(self, x, sigma=0.0):
-        return self._log_joint(x, sigma).logsumexp(1)
+        return (self.weights.to(x.device).log() - d2 / (2 * var) - torch.log(2 * math.pi * var)).logsumexp(1)
     def metrics(self, x):
         """Exact quality of samples x (N, 2): mode_tv, precision (within 3 std of a mean), nll."""
         d = (x.double()[:, None, :] - self.means).norm(dim=-1)                              # (N, K)
@@ -426,7 +427,8 @@ def toy_teacher(steps=3000, batch=1024, seed=0):
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
         for _ in tqdm(range(steps), desc='training the toy teacher (once, cached)', leave=False):
             sigma = (torch.randn(batch) * 1.2 - 1.2).exp()                      # EDM: ln sigma ~ N(-1.2, 1.2^2)
-            loss = edm_loss(net, world.sample(batch), sigma)
+            x = world.sample(batch)
+            loss = edm_loss(net, x, sigma, torch.randn_like(x))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -553,14 +555,16 @@ def number(cast, ok, what):   # an argparse type: cast(s), finite and ok, else a
 pos_int, nonneg_int = number(int, lambda v: v > 0, 'positive'), number(int, lambda v: v >= 0, 'an integer >= 0')
 pos_float, nonneg_float = number(float, lambda v: v > 0, 'positive'), number(float, lambda v: v >= 0, 'a number >= 0')
 
-def add_shared_args(p):
+def parser(file, description):   # the script's argument parser, with the shared flags
+    p = argparse.ArgumentParser(prog=os.path.basename(file), description=description)
     A = p.add_argument_group('run (the same in every script)').add_argument
     A('--data', choices=['cifar10', 'toy'], default='cifar10', help='CIFAR-10 on a GPU, or the 2-D toy world on a CPU')
     A('--teacher', help="EDM teacher: a URL, an official .pkl or 'random' (default: EDM's own; toy: the toy teacher)")
     A('--cond', action='store_true', help='class-conditional CIFAR-10 teacher and generator')
     A('--out', help='run directory (default runs/<script>-<data>)')
     A('--kimg', type=pos_float, help='training length, thousands of generator images')
-    A('--batch', type=pos_int, help='batch size')
+    A('--batch', type=pos_int, help='batch size of one update, over all GPUs')
+    A('--batch-gpu', type=pos_int, help='micro-batch: samples per pass on one GPU; gradients add up to --batch')
     A('--lr', type=pos_float, help='generator learning rate')
     A('--ema-kimg', type=nonneg_float, help='half-life of the generator EMA, kimg')
     A('--seed', type=nonneg_int, default=0, help='random seed')
@@ -575,10 +579,6 @@ def add_shared_args(p):
     A('--precision', choices=['auto', 'bf16', 'tf32', 'fp32'], help='bf16 autocast, TF32, true fp32 (auto: GPU bf16)')
     A('--compile', action='store_true', help='torch.compile the networks')
     A('--device', help='cuda, cpu, ... (default: cuda if available)')
-
-def parser(file, description):   # the script's argument parser, with the shared flags
-    p = argparse.ArgumentParser(prog=os.path.basename(file), description=description)
-    add_shared_args(p)
     return p
 
 def finish_config(p, argv, defaults):   # parses argv and fills what the user left unset from defaults[--data]
@@ -591,6 +591,9 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
     for k, v in defaults[cfg.data].items():
         if getattr(cfg, k, None) is None: setattr(cfg, k, v)
     cfg.precision = cfg.precision or 'auto'
+    cfg.world_size = int(os.environ.get('WORLD_SIZE', 1))                # processes under torchrun
+    if cfg.batch % cfg.world_size: p.error(f'--batch {cfg.batch} does not split evenly over {cfg.world_size} GPUs')
+    cfg.batch_gpu = min(cfg.batch_gpu, cfg.batch // cfg.world_size)
     if cfg.data == 'toy' and cfg.cond: p.error('--cond needs --data cifar10')
     default_teacher = 'toy' if cfg.data == 'toy' else 'random' if cfg.bench else EDM_COND if cfg.cond else EDM_UNCOND
     cfg.teacher = cfg.teacher or default_teacher
@@ -608,37 +611,66 @@ def atomic_save(obj, path):   # through a temp file and a rename: a crash mid-wr
     os.replace(path + '.tmp', path)
 
 class World:
-    """Where and on what a run trains: the device and precision, the teacher, real data (CIFAR-10 or the mixture), the
-    generator's noise, one optimizer step, and evaluation."""
+    """Where and on what a run trains: this process (device, precision, rank under torchrun), the teacher, real data
+    (CIFAR-10 or the mixture), the generator's noise, one optimizer update in micro-batches, and evaluation."""
     def __init__(self, cfg, extract=None):
         self.cfg, self.extract = cfg, extract
+        self.rank, self.batch = int(os.environ.get('RANK', 0)), cfg.batch // cfg.world_size   # this process's share
         self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        if self.device.type == 'cuda' and self.device.index is None:
+            self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         self.bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and self.device.type == 'cuda')
         if self.device.type == 'cuda':
-            torch.cuda.set_device(self.device.index or 0)
+            torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != 'fp32'
-        torch.manual_seed(cfg.seed)
+        if cfg.world_size > 1 and not torch.distributed.is_initialized():   # NCCL on GPUs, gloo on CPUs
+            backend = 'nccl' if self.device.type == 'cuda' else 'gloo'
+            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=1))
+        torch.manual_seed(cfg.seed)                                     # a random teacher is the same on every rank
         if cfg.data == 'toy':
-            self.teacher, self.mixture, self.shape = toy_teacher(), GaussianMixture2D(), (2,)
+            self.teacher, self.mixture, self.shape = self.once(toy_teacher), GaussianMixture2D(), (2,)
         else:
             if cfg.teacher == 'random':
                 self.teacher = EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels)
             else:
-                self.teacher = load_edm(cfg.teacher)
+                self.teacher = self.once(load_edm, cfg.teacher)
             self.shape = (3, 32, 32)
             fake = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8), torch.randint(10, (1024,))   # --bench
-            x, y = fake if cfg.bench else load_cifar10(cfg.data_dir or cache_dir())
+            x, y = fake if cfg.bench else self.once(load_cifar10, cfg.data_dir or cache_dir())
             self.images, self.labels = x.to(self.device), y.to(self.device)   # held on the device: no data loader
         self.teacher = self.teacher.eval().requires_grad_(False).to(self.device)
         self.label_dim = self.teacher.label_dim
-        torch.manual_seed(cfg.seed)                                     # the training noise, after a random teacher
+        torch.manual_seed(cfg.seed + 1000 * self.rank)                 # the training noise, each rank its own
+    def once(self, make, *args):   # downloads and caches: rank 0 makes them while the others wait, then they read
+        if self.rank: torch.distributed.barrier()
+        made = make(*args)
+        if self.rank == 0 and self.cfg.world_size > 1: torch.distributed.barrier()
+        return made
+    def gather(self, obj):   # [obj of rank 0, obj of rank 1, ...]
+        out = [obj] * self.cfg.world_size
+        if self.cfg.world_size > 1: torch.distributed.all_gather_object(out, obj)
+        return out
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
-    def step(self, opt, loss, clip=0.0):   # backward, optionally the gradient norm clipped to clip, optimizer step
+    def step(self, opt, loss_fn, *batch, clip=0.0):
+        """One update of opt on this process's batch: loss_fn(*micro) -> (loss, logs) on each micro-batch of the
+        per-sample tensors in batch (--batch-gpu rows each; None stays None; batch[0] is a tensor), the gradients
+        summed with each micro-batch's share, averaged over ranks, and clipped to norm clip. Returns the mean logs."""
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip: torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], clip)
+        parts, logs = [None if t is None else t.split(self.cfg.batch_gpu) for t in batch], {}
+        for i in range(len(parts[0])):
+            micro = [None if t is None else t[i] for t in parts]
+            share = len(micro[0]) / len(batch[0])
+            loss, out = loss_fn(*micro)
+            (loss * share).backward()
+            logs = {k: logs.get(k, 0) + v.detach() * share for k, v in out.items()}
+        params = [p for g in opt.param_groups for p in g['params'] if p.grad is not None]
+        if self.cfg.world_size > 1:                                     # the mean over ranks: a sum of g / K
+            for p in params:
+                torch.distributed.all_reduce(p.grad.div_(self.cfg.world_size))
+        if clip: torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
+        return logs
     def compiled(self, net):   # net for the training step: torch.compile'd with --compile
         return torch.compile(net) if self.cfg.compile else net
     def real(self, n):   # n real samples and one-hot labels: the mixture's, or CIFAR-10 in [-1, 1] with x-flips
@@ -647,8 +679,10 @@ class World:
         x = self.images[i].float() / 127.5 - 1
         x = torch.where(torch.rand(n, 1, 1, 1, device=self.device) < 0.5, x.flip(3), x)
         return x, F.one_hot(self.labels[i], 10).float() if self.label_dim else None
+    def randn(self, n, generator=None):   # n draws of N(0, I) in the data's shape
+        return torch.randn(n, *self.shape, device=self.device, generator=generator)
     def noise(self, n, generator=None):   # the generator's input: z ~ N(0, I), and one-hot labels (or None)
-        z = torch.randn(n, *self.shape, device=self.device, generator=generator)
+        z = self.randn(n, generator)
         if not self.label_dim: return z, None
         return z, F.one_hot(torch.randint(10, (n,), device=self.device, generator=generator), 10).float()
     @torch.no_grad()
@@ -677,7 +711,7 @@ class World:
 
 # Settings that --resume may change (and every --lr*); it refuses a checkpoint trained with any other that differs.
 RESUMABLE = ('resume', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out', 'compile',
-             'device', 'precision', 'sample_steps')
+             'device', 'precision', 'sample_steps', 'batch_gpu', 'world_size')
 
 def load_checkpoint(cfg, world, nets, opts, path):
     """--resume: restores nets, optimizers (with this run's learning rates) and the RNG; returns the step."""
@@ -686,6 +720,9 @@ def load_checkpoint(cfg, world, nets, opts, path):
     diff = ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items()
                      if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v)
     if diff: raise SystemExit(f'error: --resume: {path} was trained with {diff}; pass the same, or another --out')
+    if len(ck['rng']) != cfg.world_size:
+        raise SystemExit(f"error: --resume: {path} was trained on {len(ck['rng'])} GPUs (torchrun --nproc_per_node), "
+                         f'not {cfg.world_size}; resume it on as many')
     for k, net in nets.items():
         net.load_state_dict(ck['nets'][k])
     for k, opt in opts.items():
@@ -693,29 +730,34 @@ def load_checkpoint(cfg, world, nets, opts, path):
         opt.load_state_dict(ck['opts'][k])
         for g, lr in zip(opt.param_groups, lrs):
             g['lr'] = lr
-    torch.set_rng_state(ck['rng'])
-    if world.device.type == 'cuda' and ck['cuda_rng'] is not None: torch.cuda.set_rng_state(ck['cuda_rng'])
-    print(f"resumed from {path} at step {ck['step']}")
+    torch.set_rng_state(ck['rng'][world.rank])
+    if world.device.type == 'cuda' and ck['cuda_rng'] is not None: torch.cuda.set_rng_state(ck['cuda_rng'][world.rank])
+    if world.rank == 0: print(f"resumed from {path} at step {ck['step']}")
     return ck['step']
 
-def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly
+def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly; rank 0 writes
     bad = [k for k, m in nets.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
     if bad: raise FloatingPointError(f'{bad[0]} has weights that are not finite at step {step}')   # keep the last good
-    rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state() if world.device.type == 'cuda' else None
+    rng = world.gather(torch.get_rng_state())                          # every rank's RNG state
+    cuda_rng = world.gather(torch.cuda.get_rng_state()) if world.device.type == 'cuda' else None
+    if world.rank: return
     nets, opts = {k: m.state_dict() for k, m in nets.items()}, {k: o.state_dict() for k, o in opts.items()}
     atomic_save(dict(nets=nets, opts=opts, step=step, rng=rng, cuda_rng=cuda_rng, cfg=vars(cfg)), path)
 
-def log_losses(cfg, step, names, pending, seconds):   # checks and prints the losses since the last log (a host sync)
-    vals = torch.stack(pending).cpu()                                   # (steps, losses)
+def log_losses(cfg, world, step, names, pending, seconds):   # checks and prints the losses since the last log
+    vals = torch.stack(pending)                                         # (steps, losses)
+    if cfg.world_size > 1: torch.distributed.all_reduce(vals)          # summed over ranks: a NaN on one stops all
+    vals = vals.cpu() / cfg.world_size                                  # the loop's one host sync
     bad = (~torch.isfinite(vals)).nonzero()
     if len(bad):
         r, c = bad[0].tolist()
         raise FloatingPointError(f'{names[c]} is {vals[r, c].item()} at step {step - len(vals) + r + 1}')
     dt, losses = seconds / len(vals), '  '.join(f'{k} {v:.4f}' for k, v in zip(names, vals.mean(0).tolist()))
-    tqdm.write(f'step {step:7d}  kimg {step * cfg.batch / 1000:9.2f}  {losses}  {dt * 1000:.0f} ms/step  '
-               f'{cfg.batch / dt:.0f} img/s')
+    if world.rank == 0: tqdm.write(f'step {step:7d}  kimg {step * cfg.batch / 1000:9.2f}  {losses}  '
+                                   f'{dt * 1000:.0f} ms/step  {cfg.batch / dt:.0f} img/s')
 
-def evaluate(cfg, world, sampler, step, final):   # a row of metrics.jsonl and a log line
+def evaluate(cfg, world, sampler, step, final):   # a row of metrics.jsonl and a log line, by rank 0 alone
+    if world.rank: return
     with world.autocast():
         kimg = round(step * cfg.batch / 1000, 3)
         row = dict(kimg=kimg, step=step, **world.evaluate(sampler, kimg, final), final=final)
@@ -725,18 +767,18 @@ def evaluate(cfg, world, sampler, step, final):   # a row of metrics.jsonl and a
 def fit(cfg, world, nets, opts, step_fn, sampler):
     """Trains until cfg.kimg. step_fn() runs one training step and returns a dict of scalar loss tensors; nets and
     opts (dicts) are checkpointed; sampler(z, c) gives one-step samples for evaluation."""
-    if cfg.bench: return bench(cfg, world, step_fn)
-    os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, 'ckpt.pt')
     total = math.ceil(cfg.kimg * 1000 / cfg.batch)                      # training steps
-    per_eval = max(round(cfg.eval_every * 1000 / cfg.batch), 1)
-    if os.path.exists(path) and not cfg.resume:
-        raise SystemExit(f'error: {cfg.out} already holds a run; pass --resume to continue it, or choose another --out')
-    step = load_checkpoint(cfg, world, nets, opts, path) if cfg.resume else 0
-    signal.signal(signal.SIGTERM, signal.default_int_handler)          # pre-emption acts like Ctrl-C
-    bar = tqdm(total=total, initial=step, unit='step')
-    pending, t0 = [], time.time()
+    per_eval, step = max(round(cfg.eval_every * 1000 / cfg.batch), 1), 0
     try:
+        if cfg.bench: return bench(cfg, world, step_fn)
+        if os.path.exists(path) and not cfg.resume:
+            raise SystemExit(f'error: {cfg.out} already holds a run; pass --resume to continue it, or another --out')
+        if cfg.resume: step = load_checkpoint(cfg, world, nets, opts, path)
+        if world.rank == 0: os.makedirs(cfg.out, exist_ok=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)      # pre-emption acts like Ctrl-C
+        bar = tqdm(total=total, initial=step, unit='step', disable=world.rank > 0)
+        pending, t0 = [], time.time()
         while step < total:
             with world.autocast():
                 losses = step_fn()
@@ -746,7 +788,7 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
             due = step % per_eval == 0 or step == total
             snap = due or step % max(per_eval // 5, 1) == 0             # checkpoints five times per evaluation
             if snap or step % cfg.log_every == 0:                       # losses are checked before any checkpoint
-                log_losses(cfg, step, list(losses), pending, time.time() - t0)
+                log_losses(cfg, world, step, list(losses), pending, time.time() - t0)
                 pending, t0 = [], time.time()
             if due:
                 evaluate(cfg, world, sampler, step, final=step == total)
@@ -758,6 +800,11 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
         kept = path if os.path.exists(path) else f'{path} (none written yet)'
         raise SystemExit(f'error: {e}; stopped. The last good checkpoint is {kept}: --resume with a lower --lr '
                          'or --precision fp32')
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f'error: out of GPU memory at --batch-gpu {cfg.batch_gpu}; pass a smaller --batch-gpu '
+                         '(the update stays the same, in more passes)')
+    finally:
+        if cfg.world_size > 1: torch.distributed.destroy_process_group()   # before exit, or its threads abort
     bar.close()
     return dict(step=step, nets=nets)
 
@@ -789,7 +836,7 @@ def bench(cfg, world, step_fn):
     precision = 'bf16' if world.bf16 else 'fp32' if cfg.precision == 'auto' or not cuda else cfg.precision
     mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), float('nan'))
-    res = dict(script=cfg.script, device=name, batch=cfg.batch, precision=precision,
+    res = dict(script=cfg.script, device=name, batch=cfg.batch, batch_gpu=cfg.batch_gpu, precision=precision,
                compile=cfg.compile, ms_per_step=dt * 1000, img_per_s=cfg.batch / dt, peak_mem_gib=mem / 2 ** 30,
                gflop_per_img=flops / cfg.batch / 1e9, tflops=flops / dt / 1e12, mfu=flops / dt / 1e12 / peak)
     print('bench  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in res.items()))

@@ -39,6 +39,13 @@ def toy_runs(script, jobs, width=2):
         if len(running) == width: codes.append(running.pop(0).wait())
     return codes + [p.wait() for p in running]
 
+@torch.no_grad()
+def perturb(net, scale=0.02):
+    """Moves net's weights by a fixed random amount (the same every time), so that copies of it no longer agree."""
+    g = torch.Generator().manual_seed(7)
+    for p in net.parameters():
+        p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g).to(p.device))
+
 def mode_frequencies(x):
     """The fraction of samples x (N, 2) nearest to each of the mixture's eight means."""
     import dmd

@@ -3,7 +3,8 @@ loop, a checkpoint, --resume and the sample grid. Skipped where no CUDA device i
 
     python -m pytest -q -s tests/test_gpu.py     # on a GPU machine: about 6 minutes on one H100 or H200
 
-It prints one markdown table (script, batch, precision, compile, ms/step, img/s, TFLOP/s, MFU, peak GiB, device, torch)
+It prints one markdown table (script, batch, batch-gpu, precision, compile, ms/step, img/s, TFLOP/s, MFU, peak GiB,
+device, torch)
 and writes it to $GPU_TABLE (default gpu_table.md in the pytest temporary folder). Offline by design: the teacher is
 random (--teacher random), the data synthetic (--bench, or a synthetic CIFAR-10 folder), LPIPS uses a random VGG and
 FID is off, because neither the EDM pickle nor the Inception and VGG weights are on such a machine. Budget: --bench 20
@@ -29,7 +30,7 @@ def test_bench(script, precision, compile_, steps, vgg_weights):
     out = run(script, '--bench', steps, '--precision', precision, *(['--compile'] if compile_ else []))
     line = [l for l in out.splitlines() if l.startswith('bench ')][-1]
     v = dict(re.findall(r'(\w+) (\S+)', line[len('bench '):]))
-    ROWS.append(f"| `{script}.py` | {v['batch']} | {v['precision']} | {'yes' if compile_ else 'no'} | "
+    ROWS.append(f"| `{script}.py` | {v['batch']} | {v['batch_gpu']} | {v['precision']} | {'yes' if compile_ else 'no'} | "
                 f"{float(v['ms_per_step']):.0f} | {float(v['img_per_s']):.0f} | {float(v['tflops']):.1f} | "
                 f"{100 * float(v['mfu']):.1f}% | {float(v['peak_mem_gib']):.1f} | {v['device']} | {torch.__version__} |")
     assert float(v['ms_per_step']) > 0
@@ -48,10 +49,22 @@ def test_short_full_size_run_with_resume(script, tmp_path, vgg_weights):
     assert ck['step'] == 4 and [r['step'] for r in rows] == [2, 4] and (tmp_path / 'run' / 'samples.png').exists()
     print(f'{script}: short run with resume in {time.time() - t0:.0f} s')
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two CUDA devices')
+def test_two_gpus_with_torchrun(tmp_path, vgg_weights):
+    """Two steps of dmd.py on two GPUs (NCCL), at the default batch split over them, with a checkpoint."""
+    data = make_fake_cifar(tmp_path / 'data', n_per_batch=200)
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'dmd.py',
+                        '--teacher', 'random', '--data-dir', str(data), '--out', str(tmp_path / 'run'), '--fid-final', '0',
+                        '--fid-samples', '64', '--kimg', '0.128', '--reg-pairs', '256'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)['step'] == 2
+
 def test_print_the_table(tmp_path_factory):
     if not ROWS: pytest.skip('no bench rows')
-    table = '\n'.join(['| script | batch | precision | compile | ms/step | img/s | TFLOP/s | MFU (of 989 bf16) | '
-                       'peak GiB | device | torch |', '|---|---|---|---|---|---|---|---|---|---|---|'] + ROWS)
+    table = '\n'.join(['| script | batch | batch-gpu | precision | compile | ms/step | img/s | TFLOP/s | '
+                       'MFU (of 989 bf16) | peak GiB | device | torch |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+                      + ROWS)
     path = os.environ.get('GPU_TABLE') or str(tmp_path_factory.mktemp('gpu') / 'gpu_table.md')
     with open(path, 'w') as f:
         f.write(table + '\n')

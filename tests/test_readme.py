@@ -23,7 +23,7 @@ def test_readme_has_the_commands_a_user_needs():
         assert (ROOT / 'figures' / figure).exists() and f'figures/{figure}' in README, figure
     assert (ROOT / 'figures' / 'toy_training.gif').stat().st_size < 3.5e6
 
-@pytest.mark.parametrize('cmd', [c for c in COMMANDS if re.match(r'(python|torchrun)( --nproc_per_node=\d+)? \w+\.py', c)])
+@pytest.mark.parametrize('cmd', [c for c in COMMANDS if re.match(r'(python|torchrun)( --\S+)* \w+\.py', c)])
 def test_script_command_parses(cmd, capsys):
     words = shlex.split(cmd)
     i = next(k for k, w in enumerate(words) if w.endswith('.py'))

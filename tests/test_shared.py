@@ -18,7 +18,7 @@ def test_shared_sections_identical():
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_line_cap(script):
-    assert len((ROOT / f'{script}.py').read_text().splitlines()) <= 800
+    assert len((ROOT / f'{script}.py').read_text().splitlines()) <= 880
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_method_comes_before_the_shared_sections(script):
