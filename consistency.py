@@ -5,15 +5,19 @@ A consistency model f_theta(x, sigma) maps every point of a probability-flow ODE
 the teacher's network, wrapped so that f(x, sigma_min) = x exactly. CD pulls f_theta(x, t_{n+1}) to f_theta-(x_hat,
 t_n), x_hat a Heun step of the frozen teacher from x = x0 + t_{n+1} z, theta- = sg(theta) (CM Table 3, CIFAR-10);
 CT has no teacher: x_hat = x0 + t_n z, the same z, a doubling number of levels N and pseudo-Huber (iCT). Song et al.,
-"Consistency Models", ICML 2023; Song & Dhariwal, "Improved Techniques for Training CMs", ICLR 2024; seed 003 1-3.
+"Consistency Models", ICML 2023, arXiv 2303.01469; Song & Dhariwal, "Improved Techniques for Training Consistency
+Models" (iCT), ICLR 2024, arXiv 2310.14189; ECT: Geng et al., "Consistency Models Made Easy", arXiv 2406.14548;
+sections 1-3 of the study notes "Distilled Diffusion Models" (2024-07-03; README, "Sources"): "Eq." below is theirs.
 
-    python consistency.py --data toy                 # CD on the 2-D mixture on a CPU, about 30 s (--mode ct: CT)
+    python consistency.py --data toy                 # CD on the 2-D mixture on a CPU, a few minutes (--mode ct: CT)
     python consistency.py                            # CD with LPIPS, CIFAR-10 uncond, one H100; --mode ct: iCT
-    python consistency.py --out R --eval-only --sample-steps 2   # 2-step FID of run R's G_ema, in R/eval_2step
+    python consistency.py --out R --eval-only --sample-steps 2   # 2-step FID of run R's G_ema (a row, *_2step files)
 Expected: toy mode_tv < 0.05, precision > 0.7 (tests). CIFAR-10, published: CD (LPIPS) 3.55 / 2.93 (1 / 2 steps), iCT
 2.83 (README). Code: Consistency (Eq. 7-8), heun_step (x_hat), cm_loss (Eq. 12, 27), distance (Eq. 43), multistep.
 
-As openai/consistency_models: l2 is a mean over pixels (mean_flat), lpips VGG LPIPS at 224 x 224 (bilinear); N = 18.
+As openai/consistency_models: l2 is a mean over pixels (mean_flat), lpips at 224 x 224 (bilinear); N = 18. Our LPIPS
+is the lpips package's VGG with max pooling, as the JAX CIFAR-10 code (openai/consistency_models_cifar10); the PyTorch
+repository uses piq's LPIPS(replace_pooling=True), average pooling.
 iCT's pseudo-Huber (on the sum, c = 0.00054 sqrt(dim)), curriculum and lognormal n for CT. Departures: both losses
 weight by 1/(t_{n+1} - t_n) (iCT; CM's CD: 1); Adam, not RAdam; no dropout; CT starts from the teacher, as ECT does;
 the toy draws n uniformly (CM), N <= 81; batch, lr, EMA and --kimg are ours.
@@ -42,7 +46,6 @@ def get_config(argv=None):
     A('--ct-scales', type=pos_int, nargs=2, metavar=('S0', 'S1'), help='ct: N goes from S0 + 1 to S1 + 1 levels')
     A('--ct-noise', choices=['lognormal', 'uniform'], help='ct: n by the lognormal mass of its interval (iCT) or not')
     A('--sample-steps', type=pos_int, default=1, help='sampling steps in evaluation (> 1: multistep, iCT tau 0.821)')
-    A('--eval-only', action='store_true', help='evaluate the G_ema of the run in --out with --sample-steps, and exit')
     cfg = finish_config(p, argv, DEFAULTS)
     cfg.loss = cfg.loss or ('huber' if cfg.mode == 'ct' else 'lpips' if cfg.data == 'cifar10' else 'l2')
     if cfg.loss == 'lpips' and cfg.data == 'toy': p.error('--loss lpips needs images: --data cifar10')
@@ -86,7 +89,7 @@ def distance(a, b, loss='l2', huber_c=None):
     """Per sample: CM's mean_flat squared L2, iCT's pseudo-Huber (Eq. 43), or the callable `loss` (LPIPS)."""
     if callable(loss): return loss(a, b)
     if loss == 'l2': return (a - b).pow(2).flatten(1).mean(1)
-    return ((a - b).pow(2).flatten(1).sum(1) + huber_c ** 2).sqrt() - huber_c        # Eq. (43), seed 003
+    return ((a - b).pow(2).flatten(1).sum(1) + huber_c ** 2).sqrt() - huber_c        # Eq. (43) of the notes
 
 def cm_loss(G, target, x, t_hi, x_hat, t_lo, class_labels=None, loss='l2', huber_c=None):
     """E w d(f_theta(x, t_{n+1}), sg f_theta-(x_hat, t_n)), w = 1 / (t_{n+1} - t_n): CD, Eq. (12), with x_hat the
@@ -116,18 +119,8 @@ def train(cfg, extract=None):
 
     def sampler(z, c):
         return multistep(G_ema, z, c, cfg.sample_steps, g)
-    if cfg.eval_only:                                                          # e.g. the 2-step metrics of a run
-        path = os.path.join(cfg.out, 'ckpt.pt')
-        if not os.path.exists(path): raise SystemExit(f'error: --eval-only: there is no checkpoint {path}')
-        ck = torch.load(path, map_location='cpu', weights_only=False)
-        G_ema.load_state_dict(ck['nets']['G_ema'])
-        cfg.out = os.path.join(cfg.out, f'eval_{cfg.sample_steps}step')         # beside the run's own samples
-        os.makedirs(cfg.out, exist_ok=True)
-        with world.autocast():
-            metrics = world.evaluate(sampler, ck['step'] * cfg.batch / 1000, final=True)
-        print(json.dumps(dict(sample_steps=cfg.sample_steps, **metrics)))
-        return
-    metric = world.once(lpips_vgg, world.device, not cfg.bench) if cfg.loss == 'lpips' else cfg.loss
+    lpips = cfg.loss == 'lpips' and not cfg.eval_only                          # --eval-only needs no LPIPS
+    metric = world.once(lpips_vgg, world.device, not cfg.bench) if lpips else cfg.loss
     huber_c, total = 0.00054 * math.sqrt(math.prod(world.shape)), math.ceil(cfg.kimg * 1000 / cfg.batch)
     G_c, teacher_c = world.compiled(G), world.compiled(world.teacher)
     k, B = None, world.batch                                                   # CT's step, for the curriculum
@@ -164,8 +157,8 @@ def main(argv=None):
 # ==== Everything below is identical in all five scripts: EDM network, EDM teacher, toy world, evaluation, run plumbing
 
 # === BEGIN SHARED: EDM network ===
-# DDPM++ SongUNet and EDM's preconditioning (Karras et al. 2022), written anew with the official pickles' parameter
-# names, so that their weights load strictly. --teacher random (tests, --bench) uses PyTorch's init, not EDM's.
+# DDPM++ SongUNet and the preconditioning of EDM (Karras et al., NeurIPS 2022, arXiv 2206.00364), written anew with
+# the official pickles' parameter names, so that their weights load strictly. --teacher random uses PyTorch's init.
 
 class Conv2d(nn.Conv2d):
     """EDM's Conv2d, resampling 2x first (its [1, 1] filter, kept as a buffer: nearest up, average down)."""
@@ -438,31 +431,31 @@ def toy_teacher(steps=3000, batch=1024, seed=0):
     net.load_state_dict(torch.load(path, weights_only=True)['state_dict'])
     return net.eval().requires_grad_(False)
 
-def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of the mixture's exact log density
+def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of the mixture's exact density, and metrics
     xx, yy = torch.meshgrid(torch.linspace(-3, 3, 200), torch.linspace(-3, 3, 200), indexing='xy')
     log_p = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(200, 200)
     ax.clear()
     ax.contour(xx, yy, log_p.clamp_min(-12), levels=12, cmap='Blues', linewidths=0.7)
     ax.scatter(x[:, 0], x[:, 1], s=1, c='tab:red', alpha=0.4)
     ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', xticks=[], yticks=[])
-    ax.set_title(title, fontsize=9)
+    m = mixture.metrics(x)
+    ax.set_title(f"{title}, {len(x)} samples\nmode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}", fontsize=9)
 
-def plot_toy(mixture, out, title):
-    """toy_training.gif: the frames in out/frames, one-step samples of the same noise; toy_samples.png: the last."""
+def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
+    """toy_samples<tag>.png: the final samples x (N, 2); toy_training.gif (gif): the frames in out/frames, one-step
+    samples of the same noise (4000 each) through training."""
     import matplotlib
     matplotlib.use('Agg')                                               # files only, no screen
     import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
-    folder = os.path.join(out, 'frames')
-    files = sorted(f for f in os.listdir(folder) if f.endswith('.npy'))               # kimg<kimg>.npy
+    from matplotlib.animation import FuncAnimation
     fig, ax = plt.subplots(figsize=(4, 4))
-    def draw(i):
-        x = torch.from_numpy(np.load(os.path.join(folder, files[i])))
-        m = mixture.metrics(x)
-        head = f"{title}, kimg {float(files[i][4:-4]):g}"
-        draw_toy(ax, mixture, x, f"{head}\nmode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}")
-    FuncAnimation(fig, draw, frames=len(files)).save(os.path.join(out, 'toy_training.gif'), PillowWriter(fps=4), dpi=80)
-    fig.savefig(os.path.join(out, 'toy_samples.png'), dpi=120, bbox_inches='tight')
+    files = sorted(f for f in os.listdir(os.path.join(out, 'frames')) if f.endswith('.npy')) if gif else []
+    def frame(i):                                                       # frames/kimg<kimg>.npy
+        x = torch.from_numpy(np.load(os.path.join(out, 'frames', files[i])))
+        draw_toy(ax, mixture, x, f'{title}, kimg {float(files[i][4:-4]):g}')
+    if gif: FuncAnimation(fig, frame, len(files)).save(os.path.join(out, 'toy_training.gif'), 'pillow', fps=4, dpi=80)
+    draw_toy(ax, mixture, x, f'{title}, kimg {kimg:g}')
+    fig.savefig(os.path.join(out, f'toy_samples{tag}.png'), dpi=120, bbox_inches='tight')
     plt.close(fig)
 # === END SHARED: toy world ===
 
@@ -543,17 +536,22 @@ def fid(sample_batches, extract, ref_path, real_batches):
 # evaluation, exact --resume, --bench), to which a method hands its networks, optimizers, step and one-step sampler.
 
 def number(cast, ok, what):   # an argparse type: cast(s), finite and ok, else an error saying it must be `what`
-    def parse(s):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{s!r} is not a number')
+    def numeric(s):
+        v = cast(s)                                                     # a ValueError: "invalid numeric value: 'abc'"
         if not (math.isfinite(v) and ok(v)): raise argparse.ArgumentTypeError(f'{s!r} must be {what}')
         return v
-    return parse
+    return numeric
 
 pos_int, nonneg_int = number(int, lambda v: v > 0, 'positive'), number(int, lambda v: v >= 0, 'an integer >= 0')
 pos_float, nonneg_float = number(float, lambda v: v > 0, 'positive'), number(float, lambda v: v >= 0, 'a number >= 0')
+
+def device(s):   # an argparse type: a device that torch knows and this machine has
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f'{s!r} is not a device: cpu, cuda, cuda:1, ...')
+    if d.type != 'cuda' or (d.index or 0) < torch.cuda.device_count(): return s
+    raise argparse.ArgumentTypeError(f'{s!r}: this machine has {torch.cuda.device_count()} CUDA GPUs')
 
 def parser(file, description):   # the script's argument parser, with the shared flags
     p = argparse.ArgumentParser(prog=os.path.basename(file), description=description)
@@ -569,16 +567,17 @@ def parser(file, description):   # the script's argument parser, with the shared
     A('--ema-kimg', type=nonneg_float, help='half-life of the generator EMA, kimg')
     A('--seed', type=nonneg_int, default=0, help='random seed')
     A('--resume', action='store_true', help='continue from the checkpoint in --out')
+    A('--eval-only', action='store_true', help="score the G_ema of the checkpoint in --out, with its run's settings")
     A('--eval-every', type=pos_float, help='evaluate every this many kimg (and checkpoint five times as often)')
     A('--log-every', type=pos_int, help='log every this many steps')
-    A('--fid-samples', type=pos_int, default=10000, help='samples for FID during training')
+    A('--fid-samples', type=nonneg_int, default=10000, help='samples for FID during training (0: none)')
     A('--fid-final', type=nonneg_int, default=50000, help='samples for FID at the end (0: none)')
     A('--data-dir', help='folder holding CIFAR-10 (downloaded there if absent; default: the cache)')
     A('--model-channels', type=pos_int, default=128, help='SongUNet width for --teacher random')
     A('--bench', type=nonneg_int, default=0, metavar='N', help='time N training steps on random data and exit')
     A('--precision', choices=['auto', 'bf16', 'tf32', 'fp32'], help='bf16 autocast, TF32, true fp32 (auto: GPU bf16)')
     A('--compile', action='store_true', help='torch.compile the networks')
-    A('--device', help='cuda, cpu, ... (default: cuda if available)')
+    A('--device', type=device, help='cuda, cuda:1, cpu, ... (default: cuda if available)')
     return p
 
 def finish_config(p, argv, defaults):   # parses argv and fills what the user left unset from defaults[--data]
@@ -586,7 +585,7 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
         if a.dest in defaults['cifar10']:
             cifar, toy = defaults['cifar10'][a.dest], defaults['toy'][a.dest]
             a.default, a.help = argparse.SUPPRESS, f'{a.help} (CIFAR-10: {cifar}, toy: {toy})'
-        elif a.default not in (None, False, argparse.SUPPRESS): a.help += f' (default: {a.default})'
+        elif a.default not in (None, argparse.SUPPRESS) and a.default is not False: a.help += f' (default: {a.default})'
     cfg = p.parse_args(argv)
     for k, v in defaults[cfg.data].items():
         if getattr(cfg, k, None) is None: setattr(cfg, k, v)
@@ -599,6 +598,14 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
     cfg.teacher = cfg.teacher or default_teacher
     cfg.script = os.path.splitext(os.path.basename(p.prog))[0]
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.script}-{cfg.data}')
+    if os.path.isfile(cfg.out): p.error(f'--out {cfg.out} is a file; name a folder for the run')
+    path = os.path.join(cfg.out, 'ckpt.pt')
+    if not (cfg.resume or cfg.eval_only): return cfg
+    if not os.path.exists(path): raise SystemExit(f'error: no checkpoint {path} to --resume or --eval-only')
+    saved = torch.load(path, map_location='cpu', weights_only=False, mmap=True)['cfg']   # reads the settings alone
+    if saved.get('script') != cfg.script: raise SystemExit(f"error: {path} was written by {saved.get('script')}.py")
+    given = {k: v for k, v in vars(cfg).items() if k in RESUMABLE and v is not None}   # what this command may change
+    if cfg.eval_only: return argparse.Namespace(**{**saved, **given})   # the checkpoint's world, this evaluation
     return cfg
 
 @torch.no_grad()
@@ -619,6 +626,9 @@ class World:
         self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         if self.device.type == 'cuda' and self.device.index is None:
             self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        if cfg.data == 'cifar10' and self.device.type == 'cpu' and not (cfg.device or cfg.bench or cfg.eval_only):
+            raise SystemExit(f'error: no GPU. On a CPU this CIFAR-10 run takes {cfg.kimg / 6300:.2g} years (5 s per '
+                             f'image, 2 cores) and {3 + 0.3 * cfg.batch_gpu:.0f} GiB; try --data toy, or --device cpu')
         self.bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and self.device.type == 'cuda')
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
@@ -686,41 +696,60 @@ class World:
         if not self.label_dim: return z, None
         return z, F.one_hot(torch.randint(10, (n,), device=self.device, generator=generator), 10).float()
     @torch.no_grad()
-    def evaluate(self, sampler, kimg, final=False):
-        """Toy: exact metrics of 4000 one-step samples, a frame of toy_training.gif (10k at the end). CIFAR-10: an 8x8
-        grid and the FID of --fid-samples images (--fid-final at the end). Own RNGs: the training RNG is untouched."""
-        cfg, frames = self.cfg, os.path.join(self.cfg.out, 'frames')
-        if cfg.data == 'toy':
-            z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:10000 if final else 4000]
-            x = sampler(z.to(self.device), None).cpu()
-            os.makedirs(frames, exist_ok=True)
-            np.save(os.path.join(frames, f'kimg{kimg:010.3f}.npy'), x[:4000].numpy())
-            if final: np.save(os.path.join(cfg.out, 'toy_samples.npy'), x.numpy())
-            if final: plot_toy(self.mixture, cfg.out, cfg.script)
-            return self.mixture.metrics(x)
+    def evaluate(self, sampler, step, final=False):
+        """A row of metrics.jsonl, by rank 0 alone. Toy: exact metrics of 4000 one-step samples of fixed noise, a frame
+        of toy_training.gif; at the end (final), of 10k, saved. CIFAR-10: an 8x8 grid and the FID of --fid-samples
+        images; at the end, of --fid-final, saved as .npz. Own RNGs: the training RNG is untouched."""
+        cfg, kimg = self.cfg, round(step * self.cfg.batch / 1000, 3)
+        steps = getattr(cfg, 'sample_steps', 1)                        # consistency.py's multistep sampling
+        tag = f'_{steps}step' if steps > 1 else ''
+        if self.rank: return
+        with self.autocast():
+            metrics = self.evaluate_toy(sampler, kimg, final, tag) if cfg.data == 'toy' else \
+                self.evaluate_cifar(sampler, kimg, final, tag)
+        row = dict(kimg=kimg, step=step, sample_steps=steps, **metrics, final=final, eval_only=cfg.eval_only)
+        print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
+        tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        return row
+    def evaluate_toy(self, sampler, kimg, final, tag):   # frames/kimg<kimg>.npy; at the end toy_samples<tag>.npy, .png
+        z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:10000 if final else 4000]
+        x = sampler(z.to(self.device), None).cpu()
+        if not self.cfg.eval_only:
+            os.makedirs(os.path.join(self.cfg.out, 'frames'), exist_ok=True)
+            np.save(os.path.join(self.cfg.out, 'frames', f'kimg{kimg:010.3f}.npy'), x[:4000].numpy())
+        if final: np.save(os.path.join(self.cfg.out, f'toy_samples{tag}.npy'), x.numpy())
+        if final: plot_toy(self.mixture, self.cfg.out, self.cfg.script + tag, x, kimg, tag, gif=not self.cfg.eval_only)
+        return dict(samples=len(x), **self.mixture.metrics(x))
+    def evaluate_cifar(self, sampler, kimg, final, tag):   # samples<tag>.png; at the end samples_<kimg>kimg<tag>.npz
         from torchvision.utils import save_image
         g = torch.Generator(self.device).manual_seed(123)
-        save_image(to_uint8(sampler(*self.noise(64, g))) / 255, os.path.join(cfg.out, 'samples.png'))
-        n = cfg.fid_final if final else cfg.fid_samples
+        save_image(to_uint8(sampler(*self.noise(64, g))) / 255, os.path.join(self.cfg.out, f'samples{tag}.png'))
+        n = self.cfg.fid_final if final else self.cfg.fid_samples
         if not n: return {}
+        images, labels = [], []
+        for i in tqdm(range(0, n, 500), desc=f'{n} samples for FID', leave=False):
+            z, c = self.noise(min(500, n - i), g)
+            images.append(to_uint8(sampler(z, c)))
+            labels.append(None if c is None else c.argmax(1).cpu())
+        if final:                                                       # the evaluator's format: uint8 N x 32 x 32 x 3
+            arrays = dict(arr_0=torch.cat(images).permute(0, 2, 3, 1).cpu().numpy())
+            if self.label_dim: arrays['arr_1'] = torch.cat(labels).numpy()          # and the class labels
+            np.savez(os.path.join(self.cfg.out, f'samples_{kimg:g}kimg{tag}.npz'), **arrays)
         self.extract = self.extract or clean_fid_extractor(self.device)
-        fake = [to_uint8(sampler(*self.noise(min(500, n - i), g)))
-                for i in tqdm(range(0, n, 500), desc=f'{n} samples for FID', leave=False)]
-        ref = os.path.join(cache_dir() if cfg.data_dir is None else cfg.out, 'fid_ref_cifar10_{mode}.npz')
-        return fid(fake, self.extract, ref, lambda: self.images.split(500))
+        ref = os.path.join(cache_dir() if self.cfg.data_dir is None else self.cfg.out, 'fid_ref_cifar10_{mode}.npz')
+        return dict(samples=n, **fid(images, self.extract, ref, lambda: self.images.split(500)))
 
 # Settings that --resume may change (and every --lr*); it refuses a checkpoint trained with any other that differs.
-RESUMABLE = ('resume', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out', 'compile',
-             'device', 'precision', 'sample_steps', 'batch_gpu', 'world_size')
+RESUMABLE = ('resume', 'eval_only', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out',
+             'compile', 'device', 'precision', 'sample_steps', 'batch_gpu', 'world_size')
 
 def load_checkpoint(cfg, world, nets, opts, path):
-    """--resume: restores nets, optimizers (with this run's learning rates) and the RNG; returns the step."""
-    if not os.path.exists(path): raise SystemExit(f'error: --resume: there is no checkpoint {path}')
+    """--resume, --eval-only: restores nets, optimizers (with this run's learning rates), the RNG; returns the step."""
     ck = torch.load(path, map_location='cpu', weights_only=False)
     diff = ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items()
                      if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v)
     if diff: raise SystemExit(f'error: --resume: {path} was trained with {diff}; pass the same, or another --out')
-    if len(ck['rng']) != cfg.world_size:
+    if cfg.resume and len(ck['rng']) != cfg.world_size:
         raise SystemExit(f"error: --resume: {path} was trained on {len(ck['rng'])} GPUs (torchrun --nproc_per_node), "
                          f'not {cfg.world_size}; resume it on as many')
     for k, net in nets.items():
@@ -732,7 +761,7 @@ def load_checkpoint(cfg, world, nets, opts, path):
             g['lr'] = lr
     torch.set_rng_state(ck['rng'][world.rank])
     if world.device.type == 'cuda' and ck['cuda_rng'] is not None: torch.cuda.set_rng_state(ck['cuda_rng'][world.rank])
-    if world.rank == 0: print(f"resumed from {path} at step {ck['step']}")
+    if world.rank == 0: print(f"{'resumed from' if cfg.resume else 'evaluating'} {path} at step {ck['step']}")
     return ck['step']
 
 def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly; rank 0 writes
@@ -756,14 +785,6 @@ def log_losses(cfg, world, step, names, pending, seconds):   # checks and prints
     if world.rank == 0: tqdm.write(f'step {step:7d}  kimg {step * cfg.batch / 1000:9.2f}  {losses}  '
                                    f'{dt * 1000:.0f} ms/step  {cfg.batch / dt:.0f} img/s')
 
-def evaluate(cfg, world, sampler, step, final):   # a row of metrics.jsonl and a log line, by rank 0 alone
-    if world.rank: return
-    with world.autocast():
-        kimg = round(step * cfg.batch / 1000, 3)
-        row = dict(kimg=kimg, step=step, **world.evaluate(sampler, kimg, final), final=final)
-    print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
-    tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' for k, v in row.items()))
-
 def fit(cfg, world, nets, opts, step_fn, sampler):
     """Trains until cfg.kimg. step_fn() runs one training step and returns a dict of scalar loss tensors; nets and
     opts (dicts) are checkpointed; sampler(z, c) gives one-step samples for evaluation."""
@@ -772,10 +793,13 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
     per_eval, step = max(round(cfg.eval_every * 1000 / cfg.batch), 1), 0
     try:
         if cfg.bench: return bench(cfg, world, step_fn)
-        if os.path.exists(path) and not cfg.resume:
+        if os.path.exists(path) and not (cfg.resume or cfg.eval_only):
             raise SystemExit(f'error: {cfg.out} already holds a run; pass --resume to continue it, or another --out')
-        if cfg.resume: step = load_checkpoint(cfg, world, nets, opts, path)
+        if cfg.resume or cfg.eval_only: step = load_checkpoint(cfg, world, nets, opts, path)
+        if cfg.eval_only: return world.evaluate(sampler, step, final=True)
+        if step >= total: print(f'{cfg.out} is finished, at step {step} of {total}; a larger --kimg goes on')
         if world.rank == 0: os.makedirs(cfg.out, exist_ok=True)
+        if step == 0: world.evaluate(sampler, 0)                       # the generator as it starts: kimg 0
         signal.signal(signal.SIGTERM, signal.default_int_handler)      # pre-emption acts like Ctrl-C
         bar = tqdm(total=total, initial=step, unit='step', disable=world.rank > 0)
         pending, t0 = [], time.time()
@@ -791,7 +815,7 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
                 log_losses(cfg, world, step, list(losses), pending, time.time() - t0)
                 pending, t0 = [], time.time()
             if due:
-                evaluate(cfg, world, sampler, step, final=step == total)
+                world.evaluate(sampler, step, final=step == total)
                 t0 = time.time()                                        # keep the evaluation out of ms/step
             if snap: save_checkpoint(cfg, world, nets, opts, step, path)
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """
 gan_only.py -- Di-Bregman without the teacher's score: a one-step generator learns from a noise-conditioned
-discriminator alone. Sources: Y. Zhu, "On the Connection between DMD and GAN for Diffusion Distillation" (blog, seed
-000); Di-Bregman appendix H (seed 001).
+discriminator alone. Sources: Y. Zhu, "On the Connection between DMD and GAN for Diffusion Distillation", blog
+post, 2025-11-06, yuanzhi-zhu.github.io/2025/11/06/On-the-Connection-between-DMD-and-GAN ("the blog"); appendix H of
+Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching" (Di-Bregman), arXiv 2510.16983.
 
 G_theta(z) = D_theta(sigma_max z, sigma_max) and the discriminator start as copies of the teacher, which gives nothing
 else. The discriminator's logit l(x_t, sigma), the mean of its U-Net bottleneck, tells noised real from noised
@@ -12,14 +13,14 @@ generated samples (Eq. 5 + R1), so r_t = q_t/p_t = e^{-l}, and G descends D_h(r_
            grad l and h''(r) D(1-D)/D^2 = h''(r) r, so grad_theta D_h = grad_theta L_G, L_G = -E[sg(h''(r) r) l(x_t)];
            KL (h''(r) r = 1): L_G = -E[l], the blog's GAN loss.
 
-    python gan_only.py --data toy                   # 2-D mixture on a CPU, about a minute; --h sba --lam 5: any h
+    python gan_only.py --data toy                   # 2-D mixture on a CPU, a few minutes; --h sba --lam 5: any h
     python gan_only.py                              # CIFAR-10 uncond on one H100, official EDM teacher
 Expected: toy mode_tv < 0.05, precision > 0.7 (tests); CIFAR-10: no published number.
-Code: disc_logit (D_eta), bregman_weight and sample_weight (Table 1, as dibregman.py), gan_loss (L_G), disc_loss (Eq.
-5), r1_penalty (R1 = E ||grad_x l||^2 on noised real samples); the first discriminator update takes the generator
-step's own samples, kept per micro-batch (--batch-gpu), later ones (--disc-steps) fresh samples. Departures: appendix
-H gives only the gradient; the loss form, R1, one noise range for both players, the weight's clamp and normaliser,
-and all defaults are ours.
+Code: disc_logit (D_eta), log_bregman_weight and sample_weight (Table 1, as dibregman.py), gan_loss (L_G),
+disc_loss (Eq. 5), r1_penalty (R1 = E ||grad_x l||^2 on noised real samples); the first discriminator update takes
+the generator step's own samples, kept per micro-batch (--batch-gpu), later ones (--disc-steps) fresh samples.
+Departures: appendix H gives only the gradient; the loss form, R1, one noise range for both players, the weight's
+clamp and normaliser, and all defaults are ours.
 """
 import argparse, collections, copy, datetime, functools, inspect, io, json, math, os, pickle, resource, signal, time
 import numpy as np
@@ -64,9 +65,6 @@ def log_bregman_weight(l, h, lam=5.0):
     if h == 'ls': return -l                                     # r = e^{-l}
     return -lam * l                                             # sba: r^lam = e^{-lam l}
 
-def bregman_weight(l, h, lam=5.0):
-    return log_bregman_weight(l, h, lam).exp()
-
 def sample_weight(l, h, lam=5.0, group=0, clamp=0.0):
     """The stop-gradient weight of Eq. (4): h''(r) r with |l| <= clamp (if clamp), divided by its mean over each run
     of `group` samples (which share sigma; see the docstring): group softmax(log w), finite and at most `group`."""
@@ -93,8 +91,8 @@ def r1_penalty(disc, x_t, sigma, c=None):
     return g.flatten(1).pow(2).sum(1).mean()
 
 def gan_loss(l, w):
-    """L_G = -E[w l(x_t)], w = sg(h''(r) r), r = e^{-l}: its gradient is the boxed equation of seed 000 (Eq. (37),
-    seed 001; derivation in the module docstring); w = 1 (KL): the non-saturating logit loss -l."""
+    """L_G = -E[w l(x_t)], w = sg(h''(r) r), r = e^{-l}: its gradient is the blog's boxed equation (Eq. (37),
+    Di-Bregman; derivation in the module docstring); w = 1 (KL): the non-saturating logit loss -l."""
     return -(w.detach() * l).mean()
 
 # -----------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def train(cfg, extract=None):
         disc.requires_grad_(True)
         w = sample_weight(l, cfg.h, cfg.lam, K * (K > 1), cfg.logit_clamp)   # h''(r) r, r = e^{-l}
         kept.append(x.detach())
-        loss = gan_loss(l, w)                                    # the boxed equation, seed 000; Eq. (37), seed 001
+        loss = gan_loss(l, w)                                    # the blog's boxed equation; Eq. (37), Di-Bregman
         return loss, dict(loss_gan=loss)
 
     def loss_disc(x, c, x_gt, c_gt, s, n_real, n_fake):   # one micro-batch of Eq. (5) + R1
@@ -162,8 +160,8 @@ def main(argv=None):
 # ==== Everything below is identical in all five scripts: EDM network, EDM teacher, toy world, evaluation, run plumbing
 
 # === BEGIN SHARED: EDM network ===
-# DDPM++ SongUNet and EDM's preconditioning (Karras et al. 2022), written anew with the official pickles' parameter
-# names, so that their weights load strictly. --teacher random (tests, --bench) uses PyTorch's init, not EDM's.
+# DDPM++ SongUNet and the preconditioning of EDM (Karras et al., NeurIPS 2022, arXiv 2206.00364), written anew with
+# the official pickles' parameter names, so that their weights load strictly. --teacher random uses PyTorch's init.
 
 class Conv2d(nn.Conv2d):
     """EDM's Conv2d, resampling 2x first (its [1, 1] filter, kept as a buffer: nearest up, average down)."""
@@ -436,31 +434,31 @@ def toy_teacher(steps=3000, batch=1024, seed=0):
     net.load_state_dict(torch.load(path, weights_only=True)['state_dict'])
     return net.eval().requires_grad_(False)
 
-def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of the mixture's exact log density
+def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of the mixture's exact density, and metrics
     xx, yy = torch.meshgrid(torch.linspace(-3, 3, 200), torch.linspace(-3, 3, 200), indexing='xy')
     log_p = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(200, 200)
     ax.clear()
     ax.contour(xx, yy, log_p.clamp_min(-12), levels=12, cmap='Blues', linewidths=0.7)
     ax.scatter(x[:, 0], x[:, 1], s=1, c='tab:red', alpha=0.4)
     ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect='equal', xticks=[], yticks=[])
-    ax.set_title(title, fontsize=9)
+    m = mixture.metrics(x)
+    ax.set_title(f"{title}, {len(x)} samples\nmode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}", fontsize=9)
 
-def plot_toy(mixture, out, title):
-    """toy_training.gif: the frames in out/frames, one-step samples of the same noise; toy_samples.png: the last."""
+def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
+    """toy_samples<tag>.png: the final samples x (N, 2); toy_training.gif (gif): the frames in out/frames, one-step
+    samples of the same noise (4000 each) through training."""
     import matplotlib
     matplotlib.use('Agg')                                               # files only, no screen
     import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
-    folder = os.path.join(out, 'frames')
-    files = sorted(f for f in os.listdir(folder) if f.endswith('.npy'))               # kimg<kimg>.npy
+    from matplotlib.animation import FuncAnimation
     fig, ax = plt.subplots(figsize=(4, 4))
-    def draw(i):
-        x = torch.from_numpy(np.load(os.path.join(folder, files[i])))
-        m = mixture.metrics(x)
-        head = f"{title}, kimg {float(files[i][4:-4]):g}"
-        draw_toy(ax, mixture, x, f"{head}\nmode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}")
-    FuncAnimation(fig, draw, frames=len(files)).save(os.path.join(out, 'toy_training.gif'), PillowWriter(fps=4), dpi=80)
-    fig.savefig(os.path.join(out, 'toy_samples.png'), dpi=120, bbox_inches='tight')
+    files = sorted(f for f in os.listdir(os.path.join(out, 'frames')) if f.endswith('.npy')) if gif else []
+    def frame(i):                                                       # frames/kimg<kimg>.npy
+        x = torch.from_numpy(np.load(os.path.join(out, 'frames', files[i])))
+        draw_toy(ax, mixture, x, f'{title}, kimg {float(files[i][4:-4]):g}')
+    if gif: FuncAnimation(fig, frame, len(files)).save(os.path.join(out, 'toy_training.gif'), 'pillow', fps=4, dpi=80)
+    draw_toy(ax, mixture, x, f'{title}, kimg {kimg:g}')
+    fig.savefig(os.path.join(out, f'toy_samples{tag}.png'), dpi=120, bbox_inches='tight')
     plt.close(fig)
 # === END SHARED: toy world ===
 
@@ -541,17 +539,22 @@ def fid(sample_batches, extract, ref_path, real_batches):
 # evaluation, exact --resume, --bench), to which a method hands its networks, optimizers, step and one-step sampler.
 
 def number(cast, ok, what):   # an argparse type: cast(s), finite and ok, else an error saying it must be `what`
-    def parse(s):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{s!r} is not a number')
+    def numeric(s):
+        v = cast(s)                                                     # a ValueError: "invalid numeric value: 'abc'"
         if not (math.isfinite(v) and ok(v)): raise argparse.ArgumentTypeError(f'{s!r} must be {what}')
         return v
-    return parse
+    return numeric
 
 pos_int, nonneg_int = number(int, lambda v: v > 0, 'positive'), number(int, lambda v: v >= 0, 'an integer >= 0')
 pos_float, nonneg_float = number(float, lambda v: v > 0, 'positive'), number(float, lambda v: v >= 0, 'a number >= 0')
+
+def device(s):   # an argparse type: a device that torch knows and this machine has
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f'{s!r} is not a device: cpu, cuda, cuda:1, ...')
+    if d.type != 'cuda' or (d.index or 0) < torch.cuda.device_count(): return s
+    raise argparse.ArgumentTypeError(f'{s!r}: this machine has {torch.cuda.device_count()} CUDA GPUs')
 
 def parser(file, description):   # the script's argument parser, with the shared flags
     p = argparse.ArgumentParser(prog=os.path.basename(file), description=description)
@@ -567,16 +570,17 @@ def parser(file, description):   # the script's argument parser, with the shared
     A('--ema-kimg', type=nonneg_float, help='half-life of the generator EMA, kimg')
     A('--seed', type=nonneg_int, default=0, help='random seed')
     A('--resume', action='store_true', help='continue from the checkpoint in --out')
+    A('--eval-only', action='store_true', help="score the G_ema of the checkpoint in --out, with its run's settings")
     A('--eval-every', type=pos_float, help='evaluate every this many kimg (and checkpoint five times as often)')
     A('--log-every', type=pos_int, help='log every this many steps')
-    A('--fid-samples', type=pos_int, default=10000, help='samples for FID during training')
+    A('--fid-samples', type=nonneg_int, default=10000, help='samples for FID during training (0: none)')
     A('--fid-final', type=nonneg_int, default=50000, help='samples for FID at the end (0: none)')
     A('--data-dir', help='folder holding CIFAR-10 (downloaded there if absent; default: the cache)')
     A('--model-channels', type=pos_int, default=128, help='SongUNet width for --teacher random')
     A('--bench', type=nonneg_int, default=0, metavar='N', help='time N training steps on random data and exit')
     A('--precision', choices=['auto', 'bf16', 'tf32', 'fp32'], help='bf16 autocast, TF32, true fp32 (auto: GPU bf16)')
     A('--compile', action='store_true', help='torch.compile the networks')
-    A('--device', help='cuda, cpu, ... (default: cuda if available)')
+    A('--device', type=device, help='cuda, cuda:1, cpu, ... (default: cuda if available)')
     return p
 
 def finish_config(p, argv, defaults):   # parses argv and fills what the user left unset from defaults[--data]
@@ -584,7 +588,7 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
         if a.dest in defaults['cifar10']:
             cifar, toy = defaults['cifar10'][a.dest], defaults['toy'][a.dest]
             a.default, a.help = argparse.SUPPRESS, f'{a.help} (CIFAR-10: {cifar}, toy: {toy})'
-        elif a.default not in (None, False, argparse.SUPPRESS): a.help += f' (default: {a.default})'
+        elif a.default not in (None, argparse.SUPPRESS) and a.default is not False: a.help += f' (default: {a.default})'
     cfg = p.parse_args(argv)
     for k, v in defaults[cfg.data].items():
         if getattr(cfg, k, None) is None: setattr(cfg, k, v)
@@ -597,6 +601,14 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
     cfg.teacher = cfg.teacher or default_teacher
     cfg.script = os.path.splitext(os.path.basename(p.prog))[0]
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.script}-{cfg.data}')
+    if os.path.isfile(cfg.out): p.error(f'--out {cfg.out} is a file; name a folder for the run')
+    path = os.path.join(cfg.out, 'ckpt.pt')
+    if not (cfg.resume or cfg.eval_only): return cfg
+    if not os.path.exists(path): raise SystemExit(f'error: no checkpoint {path} to --resume or --eval-only')
+    saved = torch.load(path, map_location='cpu', weights_only=False, mmap=True)['cfg']   # reads the settings alone
+    if saved.get('script') != cfg.script: raise SystemExit(f"error: {path} was written by {saved.get('script')}.py")
+    given = {k: v for k, v in vars(cfg).items() if k in RESUMABLE and v is not None}   # what this command may change
+    if cfg.eval_only: return argparse.Namespace(**{**saved, **given})   # the checkpoint's world, this evaluation
     return cfg
 
 @torch.no_grad()
@@ -617,6 +629,9 @@ class World:
         self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         if self.device.type == 'cuda' and self.device.index is None:
             self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        if cfg.data == 'cifar10' and self.device.type == 'cpu' and not (cfg.device or cfg.bench or cfg.eval_only):
+            raise SystemExit(f'error: no GPU. On a CPU this CIFAR-10 run takes {cfg.kimg / 6300:.2g} years (5 s per '
+                             f'image, 2 cores) and {3 + 0.3 * cfg.batch_gpu:.0f} GiB; try --data toy, or --device cpu')
         self.bf16 = cfg.precision == 'bf16' or (cfg.precision == 'auto' and self.device.type == 'cuda')
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
@@ -684,41 +699,60 @@ class World:
         if not self.label_dim: return z, None
         return z, F.one_hot(torch.randint(10, (n,), device=self.device, generator=generator), 10).float()
     @torch.no_grad()
-    def evaluate(self, sampler, kimg, final=False):
-        """Toy: exact metrics of 4000 one-step samples, a frame of toy_training.gif (10k at the end). CIFAR-10: an 8x8
-        grid and the FID of --fid-samples images (--fid-final at the end). Own RNGs: the training RNG is untouched."""
-        cfg, frames = self.cfg, os.path.join(self.cfg.out, 'frames')
-        if cfg.data == 'toy':
-            z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:10000 if final else 4000]
-            x = sampler(z.to(self.device), None).cpu()
-            os.makedirs(frames, exist_ok=True)
-            np.save(os.path.join(frames, f'kimg{kimg:010.3f}.npy'), x[:4000].numpy())
-            if final: np.save(os.path.join(cfg.out, 'toy_samples.npy'), x.numpy())
-            if final: plot_toy(self.mixture, cfg.out, cfg.script)
-            return self.mixture.metrics(x)
+    def evaluate(self, sampler, step, final=False):
+        """A row of metrics.jsonl, by rank 0 alone. Toy: exact metrics of 4000 one-step samples of fixed noise, a frame
+        of toy_training.gif; at the end (final), of 10k, saved. CIFAR-10: an 8x8 grid and the FID of --fid-samples
+        images; at the end, of --fid-final, saved as .npz. Own RNGs: the training RNG is untouched."""
+        cfg, kimg = self.cfg, round(step * self.cfg.batch / 1000, 3)
+        steps = getattr(cfg, 'sample_steps', 1)                        # consistency.py's multistep sampling
+        tag = f'_{steps}step' if steps > 1 else ''
+        if self.rank: return
+        with self.autocast():
+            metrics = self.evaluate_toy(sampler, kimg, final, tag) if cfg.data == 'toy' else \
+                self.evaluate_cifar(sampler, kimg, final, tag)
+        row = dict(kimg=kimg, step=step, sample_steps=steps, **metrics, final=final, eval_only=cfg.eval_only)
+        print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
+        tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        return row
+    def evaluate_toy(self, sampler, kimg, final, tag):   # frames/kimg<kimg>.npy; at the end toy_samples<tag>.npy, .png
+        z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:10000 if final else 4000]
+        x = sampler(z.to(self.device), None).cpu()
+        if not self.cfg.eval_only:
+            os.makedirs(os.path.join(self.cfg.out, 'frames'), exist_ok=True)
+            np.save(os.path.join(self.cfg.out, 'frames', f'kimg{kimg:010.3f}.npy'), x[:4000].numpy())
+        if final: np.save(os.path.join(self.cfg.out, f'toy_samples{tag}.npy'), x.numpy())
+        if final: plot_toy(self.mixture, self.cfg.out, self.cfg.script + tag, x, kimg, tag, gif=not self.cfg.eval_only)
+        return dict(samples=len(x), **self.mixture.metrics(x))
+    def evaluate_cifar(self, sampler, kimg, final, tag):   # samples<tag>.png; at the end samples_<kimg>kimg<tag>.npz
         from torchvision.utils import save_image
         g = torch.Generator(self.device).manual_seed(123)
-        save_image(to_uint8(sampler(*self.noise(64, g))) / 255, os.path.join(cfg.out, 'samples.png'))
-        n = cfg.fid_final if final else cfg.fid_samples
+        save_image(to_uint8(sampler(*self.noise(64, g))) / 255, os.path.join(self.cfg.out, f'samples{tag}.png'))
+        n = self.cfg.fid_final if final else self.cfg.fid_samples
         if not n: return {}
+        images, labels = [], []
+        for i in tqdm(range(0, n, 500), desc=f'{n} samples for FID', leave=False):
+            z, c = self.noise(min(500, n - i), g)
+            images.append(to_uint8(sampler(z, c)))
+            labels.append(None if c is None else c.argmax(1).cpu())
+        if final:                                                       # the evaluator's format: uint8 N x 32 x 32 x 3
+            arrays = dict(arr_0=torch.cat(images).permute(0, 2, 3, 1).cpu().numpy())
+            if self.label_dim: arrays['arr_1'] = torch.cat(labels).numpy()          # and the class labels
+            np.savez(os.path.join(self.cfg.out, f'samples_{kimg:g}kimg{tag}.npz'), **arrays)
         self.extract = self.extract or clean_fid_extractor(self.device)
-        fake = [to_uint8(sampler(*self.noise(min(500, n - i), g)))
-                for i in tqdm(range(0, n, 500), desc=f'{n} samples for FID', leave=False)]
-        ref = os.path.join(cache_dir() if cfg.data_dir is None else cfg.out, 'fid_ref_cifar10_{mode}.npz')
-        return fid(fake, self.extract, ref, lambda: self.images.split(500))
+        ref = os.path.join(cache_dir() if self.cfg.data_dir is None else self.cfg.out, 'fid_ref_cifar10_{mode}.npz')
+        return dict(samples=n, **fid(images, self.extract, ref, lambda: self.images.split(500)))
 
 # Settings that --resume may change (and every --lr*); it refuses a checkpoint trained with any other that differs.
-RESUMABLE = ('resume', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out', 'compile',
-             'device', 'precision', 'sample_steps', 'batch_gpu', 'world_size')
+RESUMABLE = ('resume', 'eval_only', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out',
+             'compile', 'device', 'precision', 'sample_steps', 'batch_gpu', 'world_size')
 
 def load_checkpoint(cfg, world, nets, opts, path):
-    """--resume: restores nets, optimizers (with this run's learning rates) and the RNG; returns the step."""
-    if not os.path.exists(path): raise SystemExit(f'error: --resume: there is no checkpoint {path}')
+    """--resume, --eval-only: restores nets, optimizers (with this run's learning rates), the RNG; returns the step."""
     ck = torch.load(path, map_location='cpu', weights_only=False)
     diff = ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items()
                      if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v)
     if diff: raise SystemExit(f'error: --resume: {path} was trained with {diff}; pass the same, or another --out')
-    if len(ck['rng']) != cfg.world_size:
+    if cfg.resume and len(ck['rng']) != cfg.world_size:
         raise SystemExit(f"error: --resume: {path} was trained on {len(ck['rng'])} GPUs (torchrun --nproc_per_node), "
                          f'not {cfg.world_size}; resume it on as many')
     for k, net in nets.items():
@@ -730,7 +764,7 @@ def load_checkpoint(cfg, world, nets, opts, path):
             g['lr'] = lr
     torch.set_rng_state(ck['rng'][world.rank])
     if world.device.type == 'cuda' and ck['cuda_rng'] is not None: torch.cuda.set_rng_state(ck['cuda_rng'][world.rank])
-    if world.rank == 0: print(f"resumed from {path} at step {ck['step']}")
+    if world.rank == 0: print(f"{'resumed from' if cfg.resume else 'evaluating'} {path} at step {ck['step']}")
     return ck['step']
 
 def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly; rank 0 writes
@@ -754,14 +788,6 @@ def log_losses(cfg, world, step, names, pending, seconds):   # checks and prints
     if world.rank == 0: tqdm.write(f'step {step:7d}  kimg {step * cfg.batch / 1000:9.2f}  {losses}  '
                                    f'{dt * 1000:.0f} ms/step  {cfg.batch / dt:.0f} img/s')
 
-def evaluate(cfg, world, sampler, step, final):   # a row of metrics.jsonl and a log line, by rank 0 alone
-    if world.rank: return
-    with world.autocast():
-        kimg = round(step * cfg.batch / 1000, 3)
-        row = dict(kimg=kimg, step=step, **world.evaluate(sampler, kimg, final), final=final)
-    print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
-    tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' for k, v in row.items()))
-
 def fit(cfg, world, nets, opts, step_fn, sampler):
     """Trains until cfg.kimg. step_fn() runs one training step and returns a dict of scalar loss tensors; nets and
     opts (dicts) are checkpointed; sampler(z, c) gives one-step samples for evaluation."""
@@ -770,10 +796,13 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
     per_eval, step = max(round(cfg.eval_every * 1000 / cfg.batch), 1), 0
     try:
         if cfg.bench: return bench(cfg, world, step_fn)
-        if os.path.exists(path) and not cfg.resume:
+        if os.path.exists(path) and not (cfg.resume or cfg.eval_only):
             raise SystemExit(f'error: {cfg.out} already holds a run; pass --resume to continue it, or another --out')
-        if cfg.resume: step = load_checkpoint(cfg, world, nets, opts, path)
+        if cfg.resume or cfg.eval_only: step = load_checkpoint(cfg, world, nets, opts, path)
+        if cfg.eval_only: return world.evaluate(sampler, step, final=True)
+        if step >= total: print(f'{cfg.out} is finished, at step {step} of {total}; a larger --kimg goes on')
         if world.rank == 0: os.makedirs(cfg.out, exist_ok=True)
+        if step == 0: world.evaluate(sampler, 0)                       # the generator as it starts: kimg 0
         signal.signal(signal.SIGTERM, signal.default_int_handler)      # pre-emption acts like Ctrl-C
         bar = tqdm(total=total, initial=step, unit='step', disable=world.rank > 0)
         pending, t0 = [], time.time()
@@ -789,7 +818,7 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
                 log_losses(cfg, world, step, list(losses), pending, time.time() - t0)
                 pending, t0 = [], time.time()
             if due:
-                evaluate(cfg, world, sampler, step, final=step == total)
+                world.evaluate(sampler, step, final=step == total)
                 t0 = time.time()                                        # keep the evaluation out of ms/step
             if snap: save_checkpoint(cfg, world, nets, opts, step, path)
     except KeyboardInterrupt:

@@ -52,12 +52,12 @@ def mode_frequencies(x):
     d = ((torch.as_tensor(x).double()[:, None] - dmd.GaussianMixture2D().means) ** 2).sum(-1)
     return torch.bincount(d.argmin(1), minlength=8).double() / len(x)
 
-def toy_metrics(script, out, *args, samples=''):
-    """Run `script.py --data toy`, as the README says, and score the samples it saved in out (or out/samples)."""
+def toy_metrics(script, out, *args, samples='toy_samples.npy'):
+    """Run `script.py --data toy`, as the README says, and score the samples it saved in out (as samples)."""
     import dmd
     r = run(script, '--data', 'toy', '--out', out, *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    return dmd.GaussianMixture2D().metrics(torch.from_numpy(np.load(os.path.join(out, samples, 'toy_samples.npy'))))
+    return dmd.GaussianMixture2D().metrics(torch.from_numpy(np.load(os.path.join(out, samples))))
 
 def exact_denoiser(mixture):
     """The exact E[x_0 | x_0 + sigma n = x] of a GaussianMixture2D by Tweedie's formula, x + sigma^2 grad log p_sigma(x),

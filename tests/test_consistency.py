@@ -1,4 +1,4 @@
-"""consistency.py: the point-mass consistency function (seed 003 Eq. 28-42) zeroes the CD and CT losses, the
+"""consistency.py: the point-mass consistency function (Eq. 28-42 of the notes "Distilled Diffusion Models") zeroes the CD and CT losses, the
 parameterisation meets the boundary condition bit-exactly, the teacher's Heun step has the expected order, and
 toy CD matches the mixture in one step (the untrained student does not), with two steps no worse."""
 import math, os
@@ -118,7 +118,7 @@ def test_ct_curriculum_and_sigma_pairs():
 def test_toy_cd_matches_mixture_and_two_steps_are_no_worse(tmp_path, toy_teacher):
     out = tmp_path / 'cd'
     m1 = toy_metrics('consistency', out)                                             # the README's command: CD, 1 step
-    m2 = toy_metrics('consistency', out, '--eval-only', '--sample-steps', '2', samples='eval_2step')   # the same G_ema, 2 steps
+    m2 = toy_metrics('consistency', out, '--eval-only', '--sample-steps', '2', samples='toy_samples_2step.npy')   # 2 steps
     assert cm.GaussianMixture2D().metrics(torch.from_numpy(np.load(out / 'toy_samples.npy'))) == m1   # the run's samples are kept
     assert matches_mixture(m1), m1
     assert m2['mode_tv'] < m1['mode_tv'] + 0.01 and m2['precision'] > m1['precision'] - 0.02, (m1, m2)

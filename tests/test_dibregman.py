@@ -1,4 +1,4 @@
-"""Di-Bregman (seed 001): Table 1's weights against autograd of h, KL = DMD's gradient, the optimal
+"""Di-Bregman (arXiv 2510.16983): Table 1's weights against autograd of h, KL = DMD's gradient, the optimal
 discriminator's e^{-l} = q/p, the weight's overflow handling, and the toy distillation."""
 import copy, json, math
 import numpy as np
@@ -20,13 +20,13 @@ CASES = [('lr', 5.0), ('kl', 5.0), ('be', 5.0), ('ls', 5.0)] + [('sba', lam) for
 
 @pytest.mark.parametrize('h,lam', CASES)
 def test_table1_weight_is_h2_r_by_autograd(h, lam):
-    """bregman_weight(l) = h''(r) r at r = e^{-l}, with h'' by double autograd of Table 1's h(r) (float64)."""
+    """log_bregman_weight(l).exp() = h''(r) r at r = e^{-l}, with h'' by double autograd of Table 1's h(r) (float64)."""
     l = torch.linspace(-6, 6, 49, dtype=torch.float64)
     r = torch.exp(-l).requires_grad_(True)
     (d1,) = torch.autograd.grad(h_fn(h, lam)(r).sum(), r, create_graph=True)
     (d2,) = torch.autograd.grad(d1.sum(), r)
     want = d2 * r.detach()
-    got = db.bregman_weight(l, h, lam)
+    got = db.log_bregman_weight(l, h, lam).exp()
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
 
@@ -98,7 +98,7 @@ def test_optimal_discriminator_gives_density_ratio():
     assert gl.abs().max() < 1e-10
     for s in (0.3, -0.3, 1.0):
         assert pop(l_opt + s * torch.sin(x)) > pop(l_opt) + 1e-5
-    torch.testing.assert_close(db.bregman_weight(l_opt, 'ls'), (q.log_prob(x) - p.log_prob(x)).exp())  # r = e^{-l*} = q/p
+    torch.testing.assert_close(db.log_bregman_weight(l_opt, 'ls').exp(), (q.log_prob(x) - p.log_prob(x)).exp())  # r = e^{-l*} = q/p
     # Fit l(x) = a x^2 + b x + c (exact family for Gaussians) with the code's disc_loss on samples.
     g = torch.Generator().manual_seed(0)
     xr, xf = torch.randn(100000, generator=g), 0.5 + 0.8 * torch.randn(100000, generator=g)
@@ -110,7 +110,7 @@ def test_optimal_discriminator_gives_density_ratio():
     opt.step(closure)
     xs = torch.linspace(-2, 2, 41)
     with torch.no_grad():
-        r_hat, r_true = db.bregman_weight(logit(xs), 'ls'), (q.log_prob(xs) - p.log_prob(xs)).exp()
+        r_hat, r_true = db.log_bregman_weight(logit(xs), 'ls').exp(), (q.log_prob(xs) - p.log_prob(xs)).exp()
     assert ((r_hat / r_true).log().abs().max() < 0.05), (r_hat, r_true)
 
 def test_disc_logit_is_mean_of_encoder_features():

@@ -133,7 +133,7 @@ def test_bf16_training_step_with_fused_optimizers_on_the_cpu(script, tmp_path, v
     mod = importlib.import_module(script)
     cfg = mod.get_config(['--teacher', 'random', '--model-channels', '16', '--batch', '4', '--kimg', '0.008',
                           '--data-dir', str(make_fake_cifar(tmp_path / 'data')), '--out', str(tmp_path / 'r'),
-                          '--fid-final', '0', '--precision', 'bf16', '--device', 'cpu',
+                          '--fid-samples', '0', '--fid-final', '0', '--precision', 'bf16', '--device', 'cpu',
                           *(['--reg-pairs', '8'] if script == 'dmd' else []), *(['--weight-group', '2'] if script in GROUPS else [])])
     res = mod.train(cfg, extract=fake_extractor)
     assert res['step'] == 2

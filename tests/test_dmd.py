@@ -13,7 +13,7 @@ def test_dm_loss_gradient_is_the_normalised_score_difference():
     D_real, D_fake = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     dmd.dmd_loss(x, D_real, D_fake).backward()
     norm = (x - D_real).abs().mean((1, 2, 3), keepdim=True)
-    expect = (D_fake - D_real) / norm / x.numel()            # seed 002: w (s_fake - s_real), mean over elements
+    expect = (D_fake - D_real) / norm / x.numel()            # the DMD post: w (s_fake - s_real), mean over elements
     assert torch.allclose(x.grad, expect, atol=1e-6)
     sigma = 0.7                                               # the same in score form: s = (D(x_t) - x_t) / sigma^2
     x_t = x.detach() + sigma * torch.randn_like(x)
@@ -29,20 +29,20 @@ def test_toy_distillation_matches_the_mixture(tmp_path, toy_teacher):
     assert (tmp_path / 'toy' / 'toy_samples.png').exists()
 
 def test_toy_run_writes_the_training_animation(tmp_path, toy_teacher):
-    """toy_training.gif: one frame per evaluation (20 over the default run), the same noise in every frame (so early
+    """toy_training.gif: one frame per evaluation (21 over the default run, kimg 0 first), the same noise in every frame (so early
     and late frames differ only through training), kimg and the metrics in each title."""
     from PIL import Image
     r = run('dmd', '--data', 'toy', '--out', tmp_path / 'a', '--kimg', '60', '--eval-every', '6')
     assert r.returncode == 0, r.stderr[-2000:]
     frames = sorted(os.listdir(tmp_path / 'a' / 'frames'))
-    assert len(frames) == 10 and frames[0] == 'kimg000006.144.npy'
+    assert len(frames) == 11 and frames[0] == 'kimg000000.000.npy' and frames[1] == 'kimg000006.144.npy'
     xs = [np.load(tmp_path / 'a' / 'frames' / f) for f in frames]
     assert all(x.shape == (4000, 2) for x in xs) and np.abs(xs[0] - xs[-1]).mean() > 1e-3
     gif = Image.open(tmp_path / 'a' / 'toy_training.gif')
-    assert gif.n_frames == 10
+    assert gif.n_frames == 11
     gif.seek(0)
     first = np.asarray(gif.convert('RGB')).copy()
-    gif.seek(9)
+    gif.seek(10)
     assert np.abs(first.astype(int) - np.asarray(gif.convert('RGB')).astype(int)).mean() > 0.1
     z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:4000]   # the frames' noise: the same
     ck = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=False)                   # in every frame
@@ -59,7 +59,7 @@ def test_tiny_cifar_run_resume_equals_uninterrupted(tmp_path):
     full = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'full', 0.064), extract=fake_extractor)
     assert full['step'] == 8
     rows = [json.loads(l) for l in open(tmp_path / 'full' / 'metrics.jsonl')]
-    assert [r['step'] for r in rows] == [4, 8] and all(r['fid_legacy'] > 0 and r['fid_clean'] > 0 for r in rows)
+    assert [r['step'] for r in rows] == [0, 4, 8] and all(r['fid_legacy'] > 0 and r['fid_clean'] > 0 for r in rows)
     assert (tmp_path / 'full' / 'samples.png').exists()
     dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.032), extract=fake_extractor)       # stop after 4 steps ...
     split = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.064, '--resume'), extract=fake_extractor)  # ... go on

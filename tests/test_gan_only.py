@@ -35,11 +35,11 @@ def l_star(x_t, v, theta0):   # the optimal discriminator's logit log p_t/q_t (i
 
 @pytest.mark.parametrize('h', HS)
 def test_boxed_equation_discriminator_gradient_equals_score_difference_gradient(h):
-    """Blog (seed 000), boxed equation / Eq. (37): with D = D*, grad_x l* = s_p - s_q, so the gradient of
+    """Zhu's blog post, boxed equation / Eq. (37): with D = D*, grad_x l* = s_p - s_q, so the gradient of
     L_G = -E[sg(h''(r) r) l(x_t)] equals Eq. (4)'s -E[h''(r) r (s_p - s_q) dG/dtheta] sample by sample."""
     theta, x, x_t, v, theta0 = gaussians()
     l = l_star(x_t, v, theta0)
-    w = go.bregman_weight(l, h, LAM)
+    w = go.log_bregman_weight(l, h, LAM).exp()
     g_x, g_theta = torch.autograd.grad(go.gan_loss(l, w), [x, theta])
     # Eq. (4) in closed form with exact scores and exact r = q_t/p_t; h'' by autograd of Table 1's h.
     s_p, s_q = -x_t / v, -(x_t - theta0) / v
@@ -58,7 +58,7 @@ def test_gradient_is_that_of_the_bregman_divergence(h):
     theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
     x_t = (theta + v ** 0.5 * u)[:, None]                       # x_t ~ q_t = N(theta, v), stratified
     l = l_star(x_t, v, theta0)
-    g, = torch.autograd.grad(go.gan_loss(l, go.bregman_weight(l, h, LAM)), theta)
+    g, = torch.autograd.grad(go.gan_loss(l, go.log_bregman_weight(l, h, LAM).exp()), theta)
     xs = torch.linspace(-14, 14, 400001, dtype=torch.float64)
     def D_h(th):                                                # int p_t (h(r) - h(1) - h'(1)(r - 1)), the last term integrates to 0
         logp, logq = -xs ** 2 / (2 * v), -(xs - th) ** 2 / (2 * v)
@@ -68,20 +68,20 @@ def test_gradient_is_that_of_the_bregman_divergence(h):
     assert abs(g.item() - ref.item()) < 2e-3 * abs(ref.item()), (g.item(), ref.item())
 
 def test_kl_equals_dmd_gradient():
-    """h = KL (w = 1, L_G = -E[l]): per sample, DMD's gradient (seed 002, dmd.dmd_loss with exact Gaussian
+    """h = KL (w = 1, L_G = -E[l]): per sample, DMD's gradient (the DMD post, dmd.dmd_loss with exact Gaussian
     denoisers D = x_t + sigma^2 s) is the discriminator-only gradient times DMD's positive per-sample time
     weight w(t) = sigma^2 / mean|x - D_real|; with that weight on the GAN side the theta-gradients are equal."""
     sigma = 0.7
     theta, x, x_t, v, theta0 = gaussians(sigma=sigma)
     l = l_star(x_t, v, theta0)
-    g_gan, = torch.autograd.grad(go.gan_loss(l, go.bregman_weight(l, 'kl', LAM)), x)
+    g_gan, = torch.autograd.grad(go.gan_loss(l, go.log_bregman_weight(l, 'kl', LAM).exp()), x)
     xt = x_t.detach()
     D_real, D_fake = xt + sigma ** 2 * (-xt / v), xt + sigma ** 2 * (-(xt - theta0) / v)
     g_dmd, g1 = torch.autograd.grad(dmd.dmd_loss(x, D_real, D_fake), [x, theta])
     w_t = sigma ** 2 / (x - D_real).abs().detach()
     torch.testing.assert_close(g_dmd, g_gan * w_t, rtol=1e-10, atol=1e-14)
     l = l_star(x_t, v, theta0)
-    g2, = torch.autograd.grad(go.gan_loss(w_t.squeeze(1) * l, go.bregman_weight(l, 'kl', LAM)), theta)
+    g2, = torch.autograd.grad(go.gan_loss(w_t.squeeze(1) * l, go.log_bregman_weight(l, 'kl', LAM).exp()), theta)
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-14)
 
 @pytest.mark.parametrize('h', HS)
@@ -92,8 +92,8 @@ def test_equals_dibregman_loss(h):
     sigma = 0.7
     theta, x, x_t, v, theta0 = gaussians(sigma=sigma)
     l = l_star(x_t, v, theta0)
-    w = go.bregman_weight(l, h, LAM)
-    torch.testing.assert_close(db.bregman_weight(l, h, LAM), w)
+    w = go.log_bregman_weight(l, h, LAM).exp()
+    torch.testing.assert_close(db.log_bregman_weight(l, h, LAM).exp(), w)
     g_gan, = torch.autograd.grad(go.gan_loss(l, w), x)
     xt = x_t.detach()
     D_real, D_fake = xt + sigma ** 2 * (-xt / v), xt + sigma ** 2 * (-(xt - theta0) / v)
@@ -113,7 +113,7 @@ def test_boxed_coefficient_in_logits_is_table1_weight(h):
     D = torch.sigmoid(l)
     dD, = torch.autograd.grad(D.sum(), l)
     coef = h2(h, ((1 - D) / D).detach()) / D.detach() ** 2 * dD
-    torch.testing.assert_close(coef, go.bregman_weight(l.detach(), h, LAM))
+    torch.testing.assert_close(coef, go.log_bregman_weight(l.detach(), h, LAM).exp())
 
 def test_r1_penalty_and_disc_loss(toy_teacher):
     """R1 = E||grad_x l||^2 matches finite differences on the toy discriminator; Eq. (5) is minimised by the

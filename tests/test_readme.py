@@ -23,12 +23,36 @@ def test_readme_has_the_commands_a_user_needs():
         assert (ROOT / 'figures' / figure).exists() and f'figures/{figure}' in README, figure
     assert (ROOT / 'figures' / 'toy_training.gif').stat().st_size < 3.5e6
 
-@pytest.mark.parametrize('cmd', [c for c in COMMANDS if re.match(r'(python|torchrun)( --\S+)* \w+\.py', c)])
+SCRIPT_COMMAND = r'(python|torchrun)( --\S+)* \w+\.py'
+
+@pytest.mark.parametrize('cmd', [c for c in COMMANDS if re.match(SCRIPT_COMMAND, c)])
 def test_script_command_parses(cmd, capsys):
     words = shlex.split(cmd)
     i = next(k for k, w in enumerate(words) if w.endswith('.py'))
-    cfg = importlib.import_module(words[i][:-3]).get_config(words[i + 1:])   # an argparse error would exit here
+    try:
+        cfg = importlib.import_module(words[i][:-3]).get_config(words[i + 1:])   # an argparse error exits here
+    except SystemExit as e:                  # --resume / --eval-only of a run that is not here: all else parsed
+        assert re.match(r'error: no checkpoint \S+ckpt.pt to --resume or --eval-only$', str(e)), (cmd, e)
+        return
     assert cfg.script == words[i][:-3]
+
+def out_of(cmd):   # the run folder a script command writes, or None for one that writes none or reuses one
+    words = shlex.split(cmd)
+    i = next(k for k, w in enumerate(words) if w.endswith('.py'))
+    flags = dict(zip(words[i + 1:], words[i + 2:] + ['']))
+    if {'--bench', '--help', '--resume', '--eval-only'} & set(words): return None
+    return flags.get('--out', f"runs/{words[i][:-3]}-{flags.get('--data', 'cifar10')}")
+
+def test_no_two_commands_of_a_section_share_an_out():
+    """Run in order, the commands of one section (code blocks and prose; table rows are references, not a sequence)
+    never find --out holding another's run: only --resume and --eval-only may name a folder another command made."""
+    for section in re.split(r'\n#+ ', README):
+        text = '\n'.join(l for l in section.splitlines() if not l.startswith('|'))
+        blocks = [l.split('  #')[0].strip() for b in re.findall(r'```bash\n(.*?)```', text, re.S) for l in b.splitlines()]
+        prose = re.findall(r'`((?:python|torchrun) [^`<]+)`', re.sub(r'```.*?```', '', text, flags=re.S))
+        outs = [out_of(c) for c in dict.fromkeys(blocks + prose) if re.match(SCRIPT_COMMAND, c)]
+        outs = [o for o in outs if o]
+        assert len(outs) == len(set(outs)), (section.splitlines()[0], sorted(o for o in outs if outs.count(o) > 1))
 
 def test_helper_commands_run():
     for cmd in COMMANDS:

@@ -2,6 +2,7 @@
 effects, documented flags, argparse-style errors."""
 import ast, importlib, io, os, re, subprocess, sys, tokenize
 import pytest
+import torch
 from conftest import ROOT, SCRIPTS, run
 
 SECTIONS = ['EDM network', 'EDM teacher', 'toy world', 'data and evaluation', 'run plumbing']
@@ -88,9 +89,11 @@ def test_help_documents_every_flag(script):
         flag = call.args[0].value
         assert re.search(rf'^  {flag}\b', r.stdout, re.M), f'{flag} missing from --help'
         assert any(k.arg == 'help' for k in call.keywords), f'{flag} has no help text'
+    assert re.search(r'--seed SEED +random seed \(default: 0\)', r.stdout)      # a default of 0 is shown too
 
 BAD_FLAGS = {'*': [['--data', 'nope'], ['--batch', '-4'], ['--kimg', '-1'], ['--lr', 'abc'], ['--lr', 'nan'], ['--seed', '1.5'],
-                     ['--precision', 'fp8'], ['--no-such-flag']],
+                     ['--precision', 'fp8'], ['--no-such-flag'], ['--device', 'gpu'], ['--device', 'cuda:99'],
+                     ['--out', str(ROOT / 'README.md')]],
              'dmd': [['--lambda-reg', '-1'], ['--fake-steps', '0'], ['--reg-loss', 'l1'], ['--data', 'toy', '--reg-loss', 'lpips']],
              'dibregman': [['--h', 'js'], ['--lam', 'inf'], ['--weight-group', '-8'], ['--batch', '60', '--weight-group', '8']],
              'gan_only': [['--h', 'js'], ['--lam', 'x'], ['--u-min', '1.5'], ['--r1', '-1']],
@@ -116,3 +119,16 @@ def test_resume_without_checkpoint_is_an_error(script, tmp_path, toy_teacher):
     mod = importlib.import_module(script)
     with pytest.raises(SystemExit, match='no checkpoint'):
         mod.train(mod.get_config(['--data', 'toy', '--out', str(tmp_path / 'empty'), '--resume']))
+    assert not (tmp_path / 'empty').exists()
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without a GPU')
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_cifar_training_on_a_cpu_needs_device_cpu(script, tmp_path):
+    """Without a GPU, a CIFAR-10 run is refused in one line that gives its time and memory, and writes nothing;
+    --device cpu (the tests, a user who means it) and --bench go ahead."""
+    r = run(script, '--kimg', '20000', '--batch-gpu', '64', cwd=tmp_path)
+    assert r.returncode == 1 and not (tmp_path / 'runs').exists()
+    assert r.stderr.strip().splitlines() == ['error: no GPU. On a CPU this CIFAR-10 run takes 3.2 years (5 s per image, '
+                                             '2 cores) and 22 GiB; try --data toy, or --device cpu'], r.stderr
+    mod = importlib.import_module(script)
+    assert mod.World(mod.get_config(['--bench', '1', '--model-channels', '16'])).device.type == 'cpu'

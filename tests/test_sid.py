@@ -1,4 +1,4 @@
-"""SiD (seed 003 section 5.3): the 1-D Gaussian argument of 5.3.1 on the code's loss, the signs of
+"""SiD (section 5.3 of the notes "Distilled Diffusion Models"): the 1-D Gaussian argument of 5.3.1 on the code's loss, the signs of
 the two terms of Eq. (83), the generator-loss noise range, and the toy distillation."""
 import math
 import pytest
@@ -7,7 +7,7 @@ import sid
 from conftest import matches_mixture, run, toy_metrics
 
 def gaussian_1d(theta, sigma, n=4096, dim=1, seed=0):
-    """Seed 003 5.3.1: data N(0, 1), generator G_theta = theta + z ~ N(theta, 1), x_t = G + sigma eps, and
+    """The notes, 5.3.1: data N(0, 1), generator G_theta = theta + z ~ N(theta, 1), x_t = G + sigma eps, and
     the exact denoisers x_psi(x_t) = x_t / (1 + s^2) (teacher) and x_phi(x_t) = (x_t + phi s^2) / (1 + s^2)
     (fake), with phi tied to theta (phi*(theta) = theta) but held fixed: phi = theta.detach()."""
     g = torch.Generator().manual_seed(seed)
@@ -32,7 +32,7 @@ def test_L1_gives_no_gradient_but_eq83_moves_theta_to_the_data():
             for alpha in (0.0, 1.2):
                 g = grad(sid.sid_loss(x, D_real, D_fake, alpha), theta)
                 assert abs(g - expect) < 1e-4 * abs(expect) and g * th > 0       # descent moves theta toward 0
-            boxed = ((D_fake - D_real) * (D_real - x) / w).mean()                # seed 003's boxed sign of the first term
+            boxed = ((D_fake - D_real) * (D_real - x) / w).mean()                # the notes' boxed sign of the first term
             assert grad(boxed, theta) * th < 0                                   # would move theta away from the data
 
 def test_eq83_descent_reaches_the_data_mean():
