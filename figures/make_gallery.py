@@ -1,122 +1,194 @@
-"""The toy gallery and the class experiments: every method on the 2-D mixture, from the same seed.
+"""The toy gallery and the class experiments: every method on the 2-D mixture, over several seeds.
 
-    python figures/make_gallery.py      # CPU, about 20 minutes on 2 cores: runs each toy command below (--seed 0)
+    python figures/make_gallery.py                  # CPU: 15 toy commands x 3 seeds, over an hour on 2 cores
+    python figures/make_gallery.py --jobs 2         # two runs at a time, one thread each (90 min here, shared)
+    python figures/make_gallery.py --only dmd,sid --seeds 0,1,2,3,4   # a subset, more seeds; tables only
 
-Each run is `python <script>.py --data toy --seed 0 --out runs/gallery/<name> [flags]`, exactly as a user runs it; a
-run whose toy_samples.npy already exists is reused (delete runs/gallery to start over). It writes
-  figures/toy_gallery.png     the final one-step samples of every panel (the first: the teacher, EDM's Heun sampler)
-  figures/toy_training.gif    the same panels through training, one frame per evaluation (each run's frames/)
-  figures/dibregman_modes.png the mode frequencies of dibregman.py --h kl and --h sba --lam 5 against kimg
-and prints the README's tables: the gallery, and the experiments for a class (wall time per run on this machine).
+Each run is `python <script>.py --data toy --seed S --out runs/gallery/seed<S>/<name> [flags]`, exactly as a user runs
+it, and its training log goes to log.txt beside it; a run whose toy_samples.npy exists is reused, an interrupted one
+resumed (delete runs/gallery to start over). Runs are bit-identical on one machine with one thread count, and change
+with the CPU and the thread count (the chaotic training amplifies the last bit), so the tables give the median and
+the range over the seeds. Without --only it also writes, from the first seed's runs:
+  figures/toy_gallery.png      the final one-step samples of every panel, 10k each (the first: the teacher's Heun sampler)
+  figures/toy_training.gif     the same panels through training, one frame per evaluation (each run's frames/)
+  figures/dibregman_modes.png  the mode frequencies of dibregman.py --h kl and --h sba --lam 5 against kimg
+and it prints the README's tables: the gallery, the experiments for a class, and Di-Bregman's details per seed.
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, concurrent.futures, json, os, re, subprocess, sys, time
 import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import dmd   # the shared toy world (GaussianMixture2D, toy_teacher, draw_toy); every script holds the same code
+import dmd   # the shared toy world (GaussianMixture2D, toy_teacher, draw_toy) and the teacher's Heun sampler
 
 PANELS = [('dmd', []), ('sid', []), ('consistency', []), ('gan_only', []),
           ('dibregman', ['--h', 'lr']), ('dibregman', ['--h', 'kl']), ('dibregman', ['--h', 'be']),
           ('dibregman', ['--h', 'ls']), ('dibregman', ['--h', 'sba', '--lam', '5'])]
 EXPERIMENTS = [('dmd', ['--lambda-reg', '0']), ('dmd', ['--lambda-reg', '0', '--fake-steps', '5']),
-               ('sid', ['--alpha', '0']), ('consistency', ['--mode', 'ct']), ('gan_only', ['--h', 'lr']),
-               ('dibregman', ['--h', 'sba', '--lam', '5', '--weight-group', '0'])]
+               ('dibregman', ['--h', 'sba', '--lam', '5', '--weight-group', '0']), ('sid', ['--alpha', '0']),
+               ('consistency', ['--mode', 'ct']), ('gan_only', ['--h', 'lr'])]
+TWO_STEP = ('consistency', ['--sample-steps', '2'])                 # experiment 7: --eval-only of the CD run
 
 def name_of(script, flags):
     return script + ''.join('_' + f.lstrip('-') for f in flags)
 
-def toy_run(runs, script, flags):
-    """Runs (or reuses) one toy command; returns its out folder, final metrics and wall time."""
-    out = os.path.join(runs, name_of(script, flags))
-    cmd = [sys.executable, f'{script}.py', '--data', 'toy', '--seed', '0', '--out', out, *flags]
+def out_of(runs, seed, script, flags):
+    return os.path.join(runs, f'seed{seed}', name_of(script, flags))
+
+def toy_run(runs, seed, script, flags, threads):
+    """Runs (or reuses) one toy command; returns (final row of metrics.jsonl, wall seconds)."""
+    out = out_of(runs, seed, script, flags)
+    cmd = [sys.executable, f'{script}.py', '--data', 'toy', '--seed', str(seed), '--out', out, *flags]
     if not os.path.exists(os.path.join(out, 'toy_samples.npy')):
-        print('running', ' '.join(['python', *cmd[1:]]), flush=True)
         cmd += ['--resume'] if os.path.exists(os.path.join(out, 'ckpt.pt')) else []      # an interrupted run
+        print('running', ' '.join(['python', *cmd[1:]]), flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+        os.makedirs(out, exist_ok=True)
         t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if r.returncode: sys.exit(f'{" ".join(cmd[1:])} failed:\n{r.stderr[-3000:]}')
+        with open(os.path.join(out, 'log.txt'), 'a') as log:
+            r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
+        if r.returncode: raise RuntimeError(f'{" ".join(cmd[1:])} failed:\n{r.stderr[-3000:]}')
         with open(os.path.join(out, 'wall_s.txt'), 'w') as f:
             f.write(f'{time.time() - t0:.1f}')
     with open(os.path.join(out, 'metrics.jsonl')) as f:
-        final = [json.loads(line) for line in f][-1]
+        final = [json.loads(line) for line in f if '"final": true' in line and '"eval_only": false' in line][-1]
     with open(os.path.join(out, 'wall_s.txt')) as f:
-        return out, final, float(f.read())
+        return final, float(f.read())
 
-def row(script, flags, final, wall):
+def two_step(runs, seed):
+    """consistency.py --eval-only --sample-steps 2 on the CD run of this seed (once); returns its row and wall time."""
+    out = out_of(runs, seed, 'consistency', [])
+    if not os.path.exists(os.path.join(out, 'toy_samples_2step.npy')):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, 'consistency.py', '--out', out, '--eval-only', '--sample-steps', '2'],
+                           cwd=ROOT, capture_output=True, text=True)
+        if r.returncode: raise RuntimeError(f'the 2-step evaluation of {out} failed:\n{r.stderr[-3000:]}')
+        with open(os.path.join(out, 'wall_2step_s.txt'), 'w') as f:
+            f.write(f'{time.time() - t0:.1f}')
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        row = [json.loads(line) for line in f if '"eval_only": true' in line and '"sample_steps": 2' in line][-1]
+    with open(os.path.join(out, 'wall_2step_s.txt')) as f:
+        return row, float(f.read())
+
+def spread(values, fmt='.3f'):   # "median [min-max]" over seeds
+    v = np.asarray(values, dtype=float)
+    return f'{np.median(v):{fmt}} [{v.min():{fmt}}-{v.max():{fmt}}]' if len(v) > 1 else f'{v[0]:{fmt}}'
+
+def row(script, flags, results):   # results: [(final, wall)] over seeds
     cmd = ' '.join(['python', f'{script}.py', '--data', 'toy', *flags])
-    return f"| `{cmd}` | {final['kimg']:.0f} | {final['mode_tv']:.3f} | {final['precision']:.3f} | {wall:.0f} s |"
+    if (script, flags) == TWO_STEP:
+        cmd = 'python consistency.py --out <its CD run> --eval-only --sample-steps 2'
+    finals, walls = [f for f, _ in results], [w for _, w in results]
+    return (f"| `{cmd}` | {finals[0]['kimg']:.0f} | {spread([f['mode_tv'] for f in finals])} | "
+            f"{spread([f['precision'] for f in finals])} | {np.median(walls):.0f} s |")
 
 def frames(out):   # [(kimg, samples (4000, 2))] of a run, in order
     files = sorted(f for f in os.listdir(os.path.join(out, 'frames')) if f.endswith('.npy'))
     return [(float(f[4:-4]), np.load(os.path.join(out, 'frames', f))) for f in files]
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'gallery'), help='where the toy runs go (reused)')
-    p.add_argument('--figures', default=os.path.join(ROOT, 'figures'), help='where the figures go')
-    args = p.parse_args()
+def shares(mixture, x):   # each mode's frequency among samples x (N, 2) over its weight, lightest mode first
+    k = torch.cdist(torch.as_tensor(x, dtype=torch.float64), mixture.means).argmin(1)
+    return torch.bincount(k, minlength=8).double() / len(x) / mixture.weights
+
+def ess_curve(out):   # [(kimg, ess)] from a dibregman run's training log
+    with open(os.path.join(out, 'log.txt')) as f:
+        return [(float(m[1]), float(m[2])) for m in re.finditer(r'kimg +([\d.]+) .*? ess ([\d.]+)', f.read())]
+
+def dibregman_details(runs, seeds, mixture):
+    """Per seed: the final mode shares (frequency / weight) of the three lightest modes under kl and sba 5, and the
+    ess of sba 5 (first, final, and the kimg where it first came within 0.05 of its final value), lr's lowest ess."""
+    print('\n| seed | kl: shares of modes 1, 2, 3 | sba 5: shares of modes 1, 2, 3 | sba 5: ess first, final, '
+          'settled by kimg | lr: lowest ess |\n|---|---|---|---|---|')
+    for seed in seeds:
+        cells = []
+        for h in (['--h', 'kl'], ['--h', 'sba', '--lam', '5']):
+            s = shares(mixture, np.load(os.path.join(out_of(runs, seed, 'dibregman', h), 'toy_samples.npy')))
+            cells.append(', '.join(f'{v:.2f}' for v in s[:3].tolist()))
+        ess = ess_curve(out_of(runs, seed, 'dibregman', ['--h', 'sba', '--lam', '5']))
+        final = np.mean([e for _, e in ess[-5:]])
+        settled = next((k for k, e in ess if abs(e - final) < 0.05), ess[-1][0])
+        lr = min(e for _, e in ess_curve(out_of(runs, seed, 'dibregman', ['--h', 'lr'])))
+        print(f'| {seed} | {cells[0]} | {cells[1]} | {ess[0][1]:.2f}, {final:.2f}, {settled:.0f} | {lr:.3f} |')
+
+def figures(runs, seed, folder, mixture, teacher):
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    mixture = dmd.GaussianMixture2D()
-    z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))       # the scripts' evaluation noise
-    teacher = dmd.heun_sample(dmd.toy_teacher(), z)
-    runs = [(script, flags, *toy_run(args.runs, script, flags)) for script, flags in PANELS]
-    # the static gallery
-    fig, axes = plt.subplots(2, 5, figsize=(17, 7.4))
-    m = mixture.metrics(teacher)
-    dmd.draw_toy(axes.flat[0], mixture, teacher[:4000], f"teacher, Heun 35 NFE\nmode_tv {m['mode_tv']:.3f}  "
-                 f"precision {m['precision']:.2f}")
-    for ax, (script, flags, out, final, wall) in zip(axes.flat[1:], runs):
-        x = torch.from_numpy(np.load(os.path.join(out, 'toy_samples.npy')))[:4000]
-        dmd.draw_toy(ax, mixture, x, f"{script} {' '.join(flags)}\nmode_tv {final['mode_tv']:.3f}  "
-                     f"precision {final['precision']:.2f}")
-    fig.suptitle('one-step samples on the 2-D mixture (weights 1:2:...:8), --seed 0; contours: the exact log density')
-    fig.savefig(os.path.join(args.figures, 'toy_gallery.png'), dpi=80, bbox_inches='tight')
-    # the animated gallery: frame i of every run (each run has one frame per evaluation)
-    from matplotlib.animation import FuncAnimation, PillowWriter
-    movies = [frames(out) for _, _, out, _, _ in runs]
+    from matplotlib.animation import FuncAnimation
+    outs = [out_of(runs, seed, script, flags) for script, flags in PANELS]
+    titles = [f"{script} {' '.join(flags)}".strip() for script, flags in PANELS]
+    # the static gallery: 10k final samples of each run, as its metrics.jsonl row scores them
+    fig, axes = plt.subplots(2, 5, figsize=(17, 7.6))
+    dmd.draw_toy(axes.flat[0], mixture, teacher, 'teacher, Heun 35 NFE')
+    for ax, out, title in zip(axes.flat[1:], outs, titles):
+        dmd.draw_toy(ax, mixture, torch.from_numpy(np.load(os.path.join(out, 'toy_samples.npy'))), title)
+    fig.suptitle(f'one-step samples on the 2-D mixture (weights 1:2:...:8), --seed {seed}; contours: the exact density')
+    fig.savefig(os.path.join(folder, 'toy_gallery.png'), dpi=80, bbox_inches='tight')
+    # the animated gallery: frame i of every run (each run has one frame per evaluation, kimg 0 first)
+    movies = [frames(out) for out in outs]
     n = min(len(f) for f in movies)
     def draw(i):
-        dmd.draw_toy(axes.flat[0], mixture, teacher[:2000], 'teacher, Heun 35 NFE')
-        for ax, (script, flags, *_), movie in zip(axes.flat[1:], runs, movies):
+        dmd.draw_toy(axes.flat[0], mixture, teacher[:4000], 'teacher, Heun 35 NFE')
+        for ax, title, movie in zip(axes.flat[1:], titles, movies):
             kimg, x = movie[min(round(i * (len(movie) - 1) / (n - 1)), len(movie) - 1)]
-            m = mixture.metrics(torch.from_numpy(x))
-            dmd.draw_toy(ax, mixture, x[:2000], f"{script} {' '.join(flags)}, kimg {kimg:.0f}\n"
-                         f"mode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}")
-    FuncAnimation(fig, draw, frames=n).save(os.path.join(args.figures, 'toy_training.gif'), PillowWriter(fps=3), dpi=45)
+            dmd.draw_toy(ax, mixture, torch.from_numpy(x), f'{title}, kimg {kimg:.0f}')
+    FuncAnimation(fig, draw, frames=n).save(os.path.join(folder, 'toy_training.gif'), 'pillow', fps=3, dpi=45)
     plt.close(fig)
     # Di-Bregman's mode frequencies against kimg, kl and sba 5
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     colors = plt.get_cmap('viridis')(np.linspace(0, 0.9, 8))
     for ax, h in zip(axes, (['--h', 'kl'], ['--h', 'sba', '--lam', '5'])):
-        out = next(o for s, f, o, *_ in runs if s == 'dibregman' and f == h)
-        movie = frames(out)
-        freq = np.stack([np.bincount(((x[:, None] - mixture.means.numpy()) ** 2).sum(-1).argmin(1), minlength=8)
-                         for _, x in movie]) / 4000
+        movie = frames(out_of(runs, seed, 'dibregman', h))
+        freq = np.stack([(shares(mixture, x) * mixture.weights).numpy() for _, x in movie])
         for k in range(8):
             ax.plot([kimg for kimg, _ in movie], freq[:, k], color=colors[k], marker='.')
             ax.axhline(mixture.weights[k].item(), color=colors[k], ls='--', lw=0.8)
-        ax.set(title=f"dibregman.py --data toy {' '.join(h)}", xlabel='kimg', yscale='log')
+        ax.set(title=f"dibregman.py --data toy {' '.join(h)} --seed {seed}", xlabel='kimg (4000 samples each)',
+               yscale='log')
     axes[0].set_ylabel('mode frequency (dashed: the mixture weight k/36)')
-    fig.savefig(os.path.join(args.figures, 'dibregman_modes.png'), dpi=80, bbox_inches='tight')
+    fig.savefig(os.path.join(folder, 'dibregman_modes.png'), dpi=80, bbox_inches='tight')
     plt.close(fig)
-    # the tables
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split('\n\n', 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds, at least 3 (default: 0,1,2)')
+    p.add_argument('--only', help='comma-separated scripts to run, e.g. dmd,sid (default: all; figures need all)')
+    p.add_argument('--jobs', type=int, default=1, help='runs at a time; above 1, each on one thread (default: 1)')
+    p.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'gallery'), help='where the toy runs go (reused)')
+    p.add_argument('--figures', default=os.path.join(ROOT, 'figures'), help='where the figures go')
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(',')]
+    if len(seeds) < 3: p.error('--seeds: give at least 3, for a median and a range')
+    scripts = args.only.split(',') if args.only else sorted({s for s, _ in PANELS})
+    unknown = set(scripts) - {s for s, _ in PANELS}
+    if unknown: p.error(f'--only: unknown scripts {sorted(unknown)}')
+    panels, experiments = [c for c in PANELS if c[0] in scripts], [c for c in EXPERIMENTS if c[0] in scripts]
+    commands = panels + experiments
+    if args.jobs > 1: torch.set_num_threads(1)          # as each run: two threads per core slow tiny networks 100x
+    dmd.toy_teacher()                                   # trained once (cached) before the runs, which all load it
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        jobs = {(s, tuple(f), seed): pool.submit(toy_run, args.runs, seed, s, f, 1 if args.jobs > 1 else 0)
+                for seed in seeds for s, f in commands}
+        results = {k: v.result() for k, v in jobs.items()}
+    if 'consistency' in scripts:
+        experiments.append(TWO_STEP)
+        results.update({(TWO_STEP[0], tuple(TWO_STEP[1]), seed): two_step(args.runs, seed) for seed in seeds})
+    mixture = dmd.GaussianMixture2D()
+    z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))       # the scripts' evaluation noise
+    teacher = dmd.heun_sample(dmd.toy_teacher(), z)
+    m = mixture.metrics(teacher)
+    print(f'\nmedian [min-max] over seeds {args.seeds}; 10k samples per number; wall: the median run time')
     head = '| command | kimg | mode_tv | precision | wall |\n|---|---|---|---|---|'
     print(f'\n{head}\n| teacher, Heun 35 NFE (reference) | | {m["mode_tv"]:.3f} | {m["precision"]:.3f} | |')
-    print('\n'.join(row(s, f, final, wall) for s, f, _, final, wall in runs))
+    print('\n'.join(row(s, f, [results[s, tuple(f), seed] for seed in seeds]) for s, f in panels))
     print(f'\n{head}')
-    for script, flags in EXPERIMENTS:
-        print(row(script, flags, *toy_run(args.runs, script, flags)[1:]))
-    out = os.path.join(args.runs, 'consistency')                                 # the same G_ema, 2 steps
-    t0 = time.time()
-    r = subprocess.run([sys.executable, 'consistency.py', '--data', 'toy', '--out', out, '--eval-only',
-                        '--sample-steps', '2'], cwd=ROOT, capture_output=True, text=True)
-    m2 = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"| `python consistency.py --data toy --out runs/gallery/consistency --eval-only --sample-steps 2` | | "
-          f"{m2['mode_tv']:.3f} | {m2['precision']:.3f} | {time.time() - t0:.0f} s |")
+    print('\n'.join(row(s, f, [results[s, tuple(f), seed] for seed in seeds]) for s, f in experiments))
+    if 'dibregman' in scripts: dibregman_details(args.runs, seeds, mixture)
+    if args.only: return
+    figures(args.runs, seeds[0], args.figures, mixture, teacher)
+    print(f'\nwrote the figures of seed {seeds[0]} to {args.figures}')
 
 if __name__ == '__main__':
     main()
