@@ -338,18 +338,16 @@ def load_edm(source, device='cpu'):
     try:
         with open(source, 'rb') as f:
             data = _SafeUnpickler(f).load()
-        ema = data['ema'] if isinstance(data, dict) else None                         # EDM's network pickle entry
+        ema = data['ema']                                                            # EDM's network pickle entry
         if not (isinstance(ema, _Stub) and ema.class_name == 'EDMPrecond'):
             raise ValueError(f"'ema' is {getattr(ema, 'class_name', type(ema).__name__)}, not an EDMPrecond")
-        unet = ema._modules['model']
-        init = getattr(unet, '_init_kwargs', {})
-        if unet.class_name != 'SongUNet' or init.get('embedding_type', 'positional') != 'positional':
-            raise ValueError('only the DDPM++ SongUNet (EDM\'s CIFAR-10 "vp" networks) is supported')
+        init = getattr(ema._modules['model'], '_init_kwargs', {})          # not DDPM++: strict loading names the keys
         kwargs = {k: v for k, v in init.items() if k in inspect.signature(SongUNet).parameters and k != 'label_dim'}
         net = EDMPrecond(label_dim=int(ema.label_dim), sigma_data=float(ema.sigma_data), **kwargs)
         net.load_state_dict(_stub_state_dict(ema), strict=True)
     except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, EOFError, AttributeError, TypeError) as e:
-        raise SystemExit(f'error: {source} is not a usable EDM network ({type(e).__name__}: {str(e)[:300]}). '
+        why = ' '.join(str(e).split())[:300]                                      # one line: torch's text has \n\t
+        raise SystemExit(f'error: {source} is not a usable EDM network ({type(e).__name__}: {why}). '
                          'Delete it to re-download, or pass another --teacher.')
     return net.eval().requires_grad_(False).to(device)
 
@@ -374,10 +372,13 @@ def edm_loss(net, x, sigma, n, class_labels=None, augment_labels=None):   # EDM'
 # is a small MLP with EDM's preconditioning, trained by edm_loss and cached: methods start from a teacher, as on CIFAR.
 
 class GaussianMixture2D:   # k Gaussians of std `std` on a circle of radius `radius`, weighted 1 : 2 : ... : k
-    def __init__(self, k=8, radius=2.0, std=0.1):
+    def __init__(self, k=8, radius=2.0, std=0.1, tilt=0.0):
         angle = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
         self.means, self.std = radius * torch.stack([angle.cos(), angle.sin()], 1), std      # (K, 2)
-        self.weights = torch.arange(1, k + 1, dtype=torch.float64) / (k * (k + 1) / 2)
+        self.weights = self.untilted = torch.arange(1, k + 1, dtype=torch.float64) / (k * (k + 1) / 2)
+        # tilt beta: the mixture times exp(beta x[0]), normalised, is again one (dibregman.py's reward-tilted target)
+        if tilt: self.weights = (self.weights.log() + tilt * self.means[:, 0]).softmax(0)  # w_k exp(beta m_k[0]) / Z
+        if tilt: self.means = self.means + torch.tensor([tilt * std ** 2, 0.0], dtype=torch.float64)   # + beta std^2
         self.sigma_data = float((self.weights @ self.means.pow(2)).mean() + std ** 2) ** 0.5
     def sample(self, n, generator=None):
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -390,9 +391,11 @@ class GaussianMixture2D:   # k Gaussians of std `std` on a circle of radius `rad
         """Exact quality of samples x (N, 2): mode_tv, precision (within 3 std of a mean), nll."""
         d = (x.double()[:, None, :] - self.means).norm(dim=-1)                              # (N, K)
         freq = torch.bincount(d.argmin(1), minlength=len(self.weights)).double() / len(x)
-        return dict(mode_tv=0.5 * (freq - self.weights).abs().sum().item(),
-                    precision=(d.min(1).values < 3 * self.std).double().mean().item(),
-                    nll=-self.log_prob(x).clamp_min(-1e4).mean().item())
+        m = dict(mode_tv=0.5 * (freq - self.weights).abs().sum().item(),
+                 precision=(d.min(1).values < 3 * self.std).double().mean().item(),
+                 nll=-self.log_prob(x).clamp_min(-1e4).mean().item())
+        if self.weights is not self.untilted: m['mode_tv_untilted'] = 0.5 * (freq - self.untilted).abs().sum().item()
+        return m
 
 class ToyDenoiser(nn.Module):
     """A 3x256 MLP F(c_in x, c_noise) with EDM's preconditioning and EDMPrecond's call signature."""
@@ -447,11 +450,10 @@ def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of t
 def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
     """toy_samples<tag>.png: the final samples x (N, 2); toy_training.gif (gif): the frames in out/frames, one-step
     samples of the same noise (4000 each) through training."""
-    import matplotlib
-    matplotlib.use('Agg')                                               # files only, no screen
-    import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation
-    fig, ax = plt.subplots(figsize=(4, 4))
+    from matplotlib.figure import Figure                                # no pyplot: files only, no screen
+    ax = Figure(figsize=(4, 4)).subplots()
+    fig = ax.figure
     files = sorted(f for f in os.listdir(os.path.join(out, 'frames')) if f.endswith('.npy')) if gif else []
     def frame(i):                                                       # frames/kimg<kimg>.npy
         x = torch.from_numpy(np.load(os.path.join(out, 'frames', files[i])))
@@ -459,7 +461,6 @@ def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
     if gif: FuncAnimation(fig, frame, len(files)).save(os.path.join(out, 'toy_training.gif'), 'pillow', fps=4, dpi=80)
     draw_toy(ax, mixture, x, f'{title}, kimg {kimg:g}')
     fig.savefig(os.path.join(out, f'toy_samples{tag}.png'), dpi=120, bbox_inches='tight')
-    plt.close(fig)
 # === END SHARED: toy world ===
 
 # === BEGIN SHARED: data and evaluation ===
@@ -467,7 +468,6 @@ def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
-FID_MODES = ('legacy_tensorflow', 'clean')
 
 def load_cifar10(root):
     """CIFAR-10's training set as uint8 (50000, 3, 32, 32) and int64 labels; torchvision downloads it."""
@@ -521,7 +521,7 @@ def fid(sample_batches, extract, ref_path, real_batches):
     """FID in both modes of uint8 batches; the statistics of real_batches() are cached at ref_path, one per mode."""
     from cleanfid.fid import frechet_distance
     out = {}
-    for mode in FID_MODES:
+    for mode in ('legacy_tensorflow', 'clean'):
         path = ref_path.format(mode=mode)
         if not os.path.exists(path):
             batches = tqdm(real_batches(), desc=f'FID reference statistics ({mode})', leave=False)
@@ -578,7 +578,7 @@ def parser(file, description):   # the script's argument parser, with the shared
     A('--data-dir', help='folder holding CIFAR-10 (downloaded there if absent; default: the cache)')
     A('--model-channels', type=pos_int, default=128, help='SongUNet width for --teacher random')
     A('--bench', type=nonneg_int, default=0, metavar='N', help='time N training steps on random data and exit')
-    A('--precision', choices=['auto', 'bf16', 'tf32', 'fp32'], help='bf16 autocast, TF32, true fp32 (auto: GPU bf16)')
+    A('--precision', choices=['auto', 'bf16', 'tf32', 'fp32'], default='auto', help='auto: bf16 autocast on a GPU')
     A('--compile', action='store_true', help='torch.compile the networks')
     A('--device', type=device, help='cuda, cuda:1, cpu, ... (default: cuda if available)')
     return p
@@ -592,7 +592,6 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
     cfg = p.parse_args(argv)
     for k, v in defaults[cfg.data].items():
         if getattr(cfg, k, None) is None: setattr(cfg, k, v)
-    cfg.precision = cfg.precision or 'auto'
     cfg.world_size = int(os.environ.get('WORLD_SIZE', 1))                # processes under torchrun
     if cfg.batch % cfg.world_size: p.error(f'--batch {cfg.batch} does not split evenly over {cfg.world_size} GPUs')
     cfg.batch_gpu = min(cfg.batch_gpu, cfg.batch // cfg.world_size)
@@ -642,6 +641,7 @@ class World:
         torch.manual_seed(cfg.seed)                                     # a random teacher is the same on every rank
         if cfg.data == 'toy':
             self.teacher, self.mixture, self.shape = self.once(toy_teacher), GaussianMixture2D(), (2,)
+            self.target = self.mixture                                  # what evaluation scores (a method may tilt it)
         else:
             if cfg.teacher == 'random':
                 self.teacher = EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels)
@@ -659,10 +659,6 @@ class World:
         made = make(*args)
         if self.rank == 0 and self.cfg.world_size > 1: torch.distributed.barrier()
         return made
-    def gather(self, obj):   # [obj of rank 0, obj of rank 1, ...]
-        out = [obj] * self.cfg.world_size
-        if self.cfg.world_size > 1: torch.distributed.all_gather_object(out, obj)
-        return out
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
     def step(self, opt, loss_fn, *batch, clip=0.0):
@@ -721,8 +717,8 @@ class World:
             os.makedirs(os.path.join(self.cfg.out, 'frames'), exist_ok=True)
             np.save(os.path.join(self.cfg.out, 'frames', f'kimg{kimg:010.3f}.npy'), x[:4000].numpy())
         if final: np.save(os.path.join(self.cfg.out, f'toy_samples{tag}.npy'), x.numpy())
-        if final: plot_toy(self.mixture, self.cfg.out, self.cfg.script + tag, x, kimg, tag, gif=not self.cfg.eval_only)
-        return dict(samples=len(x), **self.mixture.metrics(x))
+        if final: plot_toy(self.target, self.cfg.out, self.cfg.script + tag, x, kimg, tag, gif=not self.cfg.eval_only)
+        return dict(samples=len(x), **self.target.metrics(x))
     def evaluate_cifar(self, sampler, kimg, final, tag):   # samples<tag>.png; at the end samples_<kimg>kimg<tag>.npz
         from torchvision.utils import save_image
         g = torch.Generator(self.device).manual_seed(123)
@@ -770,9 +766,11 @@ def load_checkpoint(cfg, world, nets, opts, path):
 def save_checkpoint(cfg, world, nets, opts, step, path):   # all --resume needs to go on bit-exactly; rank 0 writes
     bad = [k for k, m in nets.items() if not all(torch.isfinite(p).all() for p in m.parameters())]
     if bad: raise FloatingPointError(f'{bad[0]} has weights that are not finite at step {step}')   # keep the last good
-    rng = world.gather(torch.get_rng_state())                          # every rank's RNG state
-    cuda_rng = world.gather(torch.cuda.get_rng_state()) if world.device.type == 'cuda' else None
+    cuda = torch.cuda.get_rng_state() if world.device.type == 'cuda' else None
+    states = [(torch.get_rng_state(), cuda)] * cfg.world_size         # every rank's RNG states
+    if cfg.world_size > 1: torch.distributed.all_gather_object(states, states[0])
     if world.rank: return
+    rng, cuda_rng = [s[0] for s in states], None if cuda is None else [s[1] for s in states]
     nets, opts = {k: m.state_dict() for k, m in nets.items()}, {k: o.state_dict() for k, o in opts.items()}
     atomic_save(dict(nets=nets, opts=opts, step=step, rng=rng, cuda_rng=cuda_rng, cfg=vars(cfg)), path)
 
