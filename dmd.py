@@ -13,6 +13,7 @@ notes "Distilled Diffusion Models" (2024-07-03); README, "Sources".
     python dmd.py --data toy                        # 2-D mixture on a CPU, a few minutes
     python dmd.py                                   # CIFAR-10 uncond on one H100 (LPIPS anchor); --cond: the paper's
     python dmd.py --lambda-reg 0 --fake-steps 5     # DMD2-style
+    python dmd.py --data toy --fake-score generator # ADD's score distillation: the fake score is G(z) itself
     python dmd.py --bench 20                        # time the full-size training step
 Expected: toy mode_tv < 0.05, precision > 0.7 (tests); CIFAR-10: the paper reports FID 2.66 (cond).
 
@@ -25,6 +26,13 @@ on the whole ramp, sigma 0.002..80, with EDM's weighting. Departures: LPIPS is t
 u is continuous (DMD2: 1000 discrete levels); the fake denoiser learns fresh samples of the updated G (DMD2: the
 generator step's own images, detached, before the update; the DMD post's Step B draws anew too); lambda_reg 0.25, lr
 5e-5, batch 64 and the EMA are ours.
+
+--fake-score generator: the score-distillation half of ADD (Sauer et al., "Adversarial Diffusion Distillation", ECCV
+2024, arXiv 2311.17042; the notes section 5.2, Eq. 67-70). Its loss ||G(z) - sg(x_psi(x_t))||^2, x_psi the teacher, has
+the gradient 2 (G(z) - x_psi(x_t)) dG/dtheta (Eq. 68): DMD's with the fake denoiser's output replaced by G(z) itself
+(Eq. 69-70), so nothing learns the fake score. Kept from DMD: the normaliser 1 / mean|x - x_psi| (ADD: a weight c(t))
+and the anchor (--lambda-reg 0 drops it). ADD's adversarial half (a DINOv2 discriminator on clean images) is not here;
+`dibregman.py --h kl --w-gan W` adds a GAN term (on psi's encoder, at noise) to DMD's gradient.
 """
 import argparse, collections, copy, datetime, functools, inspect, io, json, math, os, pickle, resource, signal, time
 import numpy as np
@@ -50,8 +58,12 @@ def get_config(argv=None):
     A('--reg-pairs', type=pos_int, help='number of teacher ODE pairs (z, y) for the anchor (cached)')
     A('--fake-steps', type=pos_int, default=1, help='fake-denoiser updates per generator update (DMD2: 5)')
     A('--lr-fake', type=pos_float, help='fake-denoiser learning rate (default: --lr)')
+    A('--fake-score', choices=['learned', 'generator'], default='learned',
+      help="the fake denoiser: learned on G's samples (DMD), or G(z) itself (ADD's score distillation)")
     cfg = finish_config(p, argv, DEFAULTS)
     if cfg.reg_loss == 'lpips' and cfg.data == 'toy': p.error('--reg-loss lpips needs images: --data cifar10')
+    if cfg.fake_score == 'generator' and (cfg.fake_steps > 1 or cfg.lr_fake):
+        p.error('--fake-score generator trains no fake denoiser: drop --fake-steps and --lr-fake')
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -103,17 +115,20 @@ def teacher_pairs(cfg, world, n):
 
 def train(cfg, extract=None):
     world = World(cfg, extract)
-    G, fake = [copy.deepcopy(world.teacher).requires_grad_(True) for _ in range(2)]   # both start as the teacher
+    learned = cfg.fake_score == 'learned'                        # ADD (--fake-score generator): no fake denoiser
+    G = copy.deepcopy(world.teacher).requires_grad_(True)                          # G starts as the teacher ...
+    fake = copy.deepcopy(world.teacher).requires_grad_(True) if learned else None  # ... and so does the fake denoiser
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)                            # (eval mode: no dropout)
     adamw = functools.partial(torch.optim.AdamW, betas=(0.9, 0.999), weight_decay=0.01, fused=True)   # DMD2's
-    opt_G, opt_fake = adamw(G.parameters(), lr=cfg.lr), adamw(fake.parameters(), lr=cfg.lr_fake or cfg.lr)
+    nets, opts = dict(G=G, G_ema=G_ema), dict(G=adamw(G.parameters(), lr=cfg.lr))
+    if learned: nets['fake'], opts['fake'] = fake, adamw(fake.parameters(), lr=cfg.lr_fake or cfg.lr)
     anchor = cfg.lambda_reg > 0 and not cfg.eval_only            # --eval-only needs neither LPIPS nor the pairs
     lpips = world.once(lpips_vgg, world.device, not cfg.bench) if anchor and cfg.reg_loss == 'lpips' else None
     pairs = world.once(teacher_pairs, cfg, world, cfg.reg_pairs) if anchor and not cfg.bench else None
     if anchor and cfg.bench:                                     # --bench times the anchor on random pairs
         z, c = world.noise(1024)
         pairs = dict(z=z, y=torch.randn_like(z), c=c)
-    G_c, fake_c, teacher_c = world.compiled(G), world.compiled(fake), world.compiled(world.teacher)
+    G_c, fake_c, teacher_c = world.compiled(G), world.compiled(fake) if learned else None, world.compiled(world.teacher)
     B = world.batch                                              # this process's share of --batch
 
     def loss_G(z, c, sigma, n, i):   # one micro-batch of Step A; i: the regression pairs drawn (or None)
@@ -121,7 +136,8 @@ def train(cfg, extract=None):
         sigma = as_sigma(sigma, x)
         x_t = x.detach() + sigma * n                             # x_t = x + sigma eps
         with torch.no_grad():
-            D_real, D_fake = teacher_c(x_t, sigma, c), fake_c(x_t, sigma, c)      # mu_base(x_t), mu_fake(x_t)
+            D_real = teacher_c(x_t, sigma, c)                                     # mu_base(x_t)
+            D_fake = fake_c(x_t, sigma, c) if learned else x.detach()             # mu_fake(x_t); ADD: G(z), Eq. (69)
         losses = dict(loss_dm=dmd_loss(x, D_real, D_fake))
         if i is None: return losses['loss_dm'], losses
         G_z = generate(G_c, pairs['z'][i], None if pairs['c'] is None else pairs['c'][i])
@@ -139,18 +155,18 @@ def train(cfg, extract=None):
         z, c = world.noise(B)
         sigma, n = sample_sigma(B, world.device, *DM_U), world.randn(B)
         i = None if pairs is None else torch.randint(len(pairs['z']), (B,), device=world.device)
-        losses = world.step(opt_G, loss_G, z, c, sigma, n, i, clip=10)
+        losses = world.step(opts['G'], loss_G, z, c, sigma, n, i, clip=10)
         ema_update(G_ema, G, cfg.batch, cfg.ema_kimg)
-        # Step B: the fake denoiser's update on fresh generator samples (K times for DMD2).
-        for _ in range(cfg.fake_steps):
+        # Step B: the fake denoiser's update on fresh generator samples (K times for DMD2; none for ADD).
+        for _ in range(cfg.fake_steps * learned):
             z, c = world.noise(B)
             sigma, n = sample_sigma(B, world.device, *FAKE_U), world.randn(B)
-            losses.update(world.step(opt_fake, loss_fake, z, c, sigma, n, clip=10))
+            losses.update(world.step(opts['fake'], loss_fake, z, c, sigma, n, clip=10))
         return losses
 
     def sampler(z, c):
         return generate(G_ema, z, c)
-    return fit(cfg, world, dict(G=G, fake=fake, G_ema=G_ema), dict(G=opt_G, fake=opt_fake), step, sampler)
+    return fit(cfg, world, nets, opts, step, sampler)
 
 def main(argv=None):
     train(get_config(argv))
