@@ -2,29 +2,34 @@
 dibregman.py -- Di-Bregman: one-step distillation of the EDM CIFAR-10 teacher by Bregman density-ratio matching.
 
 A one-step generator G_theta, a copy of the teacher, follows DMD's score difference (the frozen teacher phi minus an
-auxiliary denoiser psi trained on G's samples) on its noised samples x_t, each weighted by h''(r) r: r = q_t/p_t is
-the generator-to-data density ratio and h the convex function of the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq.
-4); h = KL gives weight 1, DMD. r = e^{-l}, l the logit of a discriminator on psi's encoder (SiDA) trained on real
-images against G's samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching",
-arXiv 2510.16983; Algorithm 1 and Table 1 are cited below.
+auxiliary denoiser psi trained on G's samples) on its noised samples x_t, each weighted by h''(r) r: r = q_t/p_t is the
+generator-to-data density ratio, h the convex function of the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq. 4; KL:
+weight 1, DMD), r = e^{-l}, l the logit of a discriminator on psi's encoder (SiDA) trained on real images against G's
+samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching", arXiv 2510.16983.
 
     python dibregman.py --h sba --lam 5             # CIFAR-10 uncond on one H100: the paper's run (fp32, see below)
     python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a few minutes; any h: lr kl be ls sba
+    python dibregman.py --data toy --h kl --reward-beta 1     # Appendix G: toward p* ~ exp(x0[0]) p, the tilted mixture
 Expected: the paper's CIFAR-10 FID, 3.61 (one step, clean-fid, SBA 5, uncond); toy: README, "Di-Bregman on the toy".
-Code: log_bregman_weight (Table 1's h''(r) r at r = e^{-l}), disc_logit and disc_loss (eta, Eq. 5), dibregman_loss (Eq.
-4; w(t) = sigma^2 / mean|D_phi - x|, DMD's); in train(), loss_G (lines 3-14, --w-gan: line 12) and loss_fake (psi and
-eta, lines 15-22) on one micro-batch each; psi's update takes the generator step's own x_theta, kept per micro-batch.
+Code: log_bregman_weight (Table 1's h''(r) r, r = e^{-l}), disc_logit, disc_loss (eta, Eq. 5), dibregman_loss (Eq. 4,
+DMD's w(t)), reward_tilt (Appendix G); in train(), loss_G (lines 3-14; --w-gan: 12), loss_fake (15-22, G's x_theta).
+
+Appendix G (--reward-beta B): the target p*(x0) ~ R(x0) p(x0), R = exp(B a.x0), has the ratio r* = R_t / Z0 to the
+data (Eq. 19, 36), R_t = E[R(x0) | x_t]. Eq. (32)'s gradient (Eq. 34 for r; for r*, the chain rule through x_t = G(eps)
++ sigma n) is -E[(h''(r) r (s_p - s_q) + h''(r*) r* grad log R_t) dG/dtheta], zero where r = r*; for KL it is DMD
+toward the tilted teacher D_phi + sigma^2 grad log R_t. Eq. (35) as printed subtracts the reward's term: it tilts
+toward 1/R. R_t: exact on the toy, or Eq. (25)'s R(D_phi(x_t)) through the teacher, whose Jacobian fails at large sigma
+(README); above --reward-cap, the sigma -> infinity limits R_t = Z0, sigma^2 grad log R_t = E_p*[x0] - E_p[x0] (data).
 
 CIFAR-10 defaults. Paper (Algorithm 1, Eq. 4-5): t ~ U[0, 1] for Eq. (4) (sigma = karras(u), u in [0.02, 0.98]),
 t'' ~ U[0, 0.95] for Eq. (5) (u = 1 - t''), no GAN term. SiDA, the framework the paper names (Zhou et al., ICLR 2025,
 arXiv 2410.14919; mingyuanzhou/SiD, branch sida, run_sida.sh): G(z) = D(2.5 z, 2.5) (--init-sigma), batch 256, lr
 1e-5 for G and for psi + eta, Adam (0, 0.999), eps 1e-8, EMA half-life 500 kimg, psi's loss at EDM's lognormal sigma
 and weight summed over a sample, fp32 without TF32 (--precision fp32; bf16 is far faster). Ours: --kimg 20000 (SiDA:
-300000), --weight-group 8, an unweighted Eq. (5). The toy keeps what works there: G(z) = D(80 z, 80), batch 512, lr
-3e-4, a linear head, and 1200 kimg with an EMA of 50 kimg, over which the proportions settle.
-Departures: --weight-group K samples share sigma, h''(r) r divided by its mean over them (a choice of Eq. 4's free
-w(t)); one logit per sample (SiDA: per 8 x 8 position); no EMA ramp-up, no augmentation for psi (SiDA: p = 0.12);
-the DDPM++ teacher (appendix D distils NCSN++).
+300000), --weight-group 8, an unweighted Eq. (5); toy: G(z) = D(80 z, 80), batch 512, lr 3e-4, a linear head, 1200
+kimg, EMA 50 kimg. Departures: --weight-group K samples share sigma, h''(r) r over its mean among them (a choice of Eq.
+4's free w(t)); one logit per sample (SiDA: per 8 x 8 position); no EMA ramp-up, no augmentation for psi (SiDA: p =
+0.12); the DDPM++ teacher (appendix D distils NCSN++).
 """
 import argparse, collections, copy, datetime, functools, inspect, io, json, math, os, pickle, resource, signal, time
 import numpy as np
@@ -52,7 +57,13 @@ def get_config(argv=None):
     A('--weight-group', type=nonneg_int, default=8, help="K samples share sigma and the mean of h''(r) r (0: raw)")
     A('--disc-head', choices=['mean', 'linear'], help="logit: the mean of psi's bottleneck, or a linear map of it")
     A('--lr-fake', type=pos_float, help='learning rate of psi and its discriminator (default: --lr)')
+    A('--reward-beta', type=number(float, lambda v: True, 'a number'), default=0.0,
+      help='Appendix G: distil p*(x0) ~ exp(beta a.x0) p(x0); a.x0: x0[0] (toy), the mean pixel (CIFAR-10)')
+    A('--reward-estimator', choices=['first-order', 'exact'], default='first-order',
+      help="R_t(x_t) = E[R(x0) | x_t]: R(D_phi(x_t)) through the teacher (Eq. 25), or the toy's exact one")
+    A('--reward-cap', type=nonneg_float, default=10.0, help='first-order: sigma -> inf limits above it (0: off)')
     cfg = finish_config(p, argv, DEFAULTS)
+    if cfg.reward_estimator == 'exact' and cfg.data != 'toy': p.error('--reward-estimator exact needs --data toy')
     K, B = cfg.weight_group * (cfg.h != 'kl'), cfg.batch // cfg.world_size        # a micro-batch holds whole groups
     if K and (B % K or cfg.batch_gpu % K):
         p.error(f'--batch per GPU ({B}) and --batch-gpu ({cfg.batch_gpu}) must be multiples of --weight-group {K}')
@@ -70,12 +81,14 @@ def log_bregman_weight(l, h, lam=5.0):
     if h == 'ls': return -l                                     # r = e^{-l}
     return -lam * l                                             # sba: r^lam = e^{-lam l}
 
-def sample_weight(l, h, lam=5.0, group=0):
-    """Eq. (4)'s stop-gradient weight h''(r) r over its mean in each run of `group` samples (one sigma): <= group."""
+def sample_weight(l, h, lam=5.0, group=0, l_at=None):
+    """Eq. (4)'s stop-gradient weight h''(r) r over its mean in each run of `group` samples (one sigma): <= group.
+    l_at: the weight at r = e^{-l_at} instead (Appendix G's h''(r*) r*), over the same mean."""
     logw = log_bregman_weight(l.detach().float(), h, lam)
-    if not group: return logw.exp()
+    at = logw if l_at is None else log_bregman_weight(l_at.detach().float(), h, lam)
+    if not group: return at.exp()
     logw = logw.reshape(-1, group)
-    return (logw - logw.logsumexp(1, keepdim=True) + math.log(group)).exp().flatten()
+    return (at.reshape(-1, group) - logw.logsumexp(1, keepdim=True) + math.log(group)).exp().flatten()
 
 def disc_logit(psi, x_t, sigma, c=None, with_D=False):
     """The discriminator eta on psi's encoder (appendix D, SiDA): l_t(x_t) = the mean of the bottleneck features.
@@ -89,19 +102,46 @@ def disc_loss(l_real, l_fake):
     """Eq. (5) with D = sigmoid(l): -log D(x_gt, t) - log(1 - D(G(eps)_t)); its optimum is l* = log p_t / q_t."""
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
 
-def dibregman_loss(x, D_real, D_fake, w):
+def dibregman_loss(x, D_real, D_fake, w, shift=0.0, w_star=0.0):
     """Eq. (4), Di-Bregman: per sample, the gradient with respect to x is
         grad = w (s_fake - s_real) sigma^2 / mean|D_real - x| = w (D_fake - D_real) / mean|x - D_real|,
-    dmd.py's dmd_loss gradient times the weight w = sg(h''(r) r) (w = 1: exactly DMD's)."""
-    dims = tuple(range(1, x.ndim))
-    grad = torch.nan_to_num((D_fake - D_real) / (x - D_real).abs().mean(dims, keepdim=True).clamp_min(1e-6))
-    grad = w.detach().reshape(-1, *[1] * (x.ndim - 1)) * grad    # not nan_to_num'ed: an inf weight stops the run
+    dmd.py's dmd_loss gradient times the weight w = sg(h''(r) r) (w = 1: exactly DMD's). Appendix G: minus w_star shift,
+    w_star = h''(r*) r*, shift = sigma^2 grad log R_t, over mean|x - (D_real + shift)| (the module docstring)."""
+    dims, shape = tuple(range(1, x.ndim)), (-1, *[1] * (x.ndim - 1))
+    norm = (x - D_real - shift).abs().mean(dims, keepdim=True).clamp_min(1e-6)     # shift 0: x - D_real
+    grad = w.detach().reshape(shape) * torch.nan_to_num((D_fake - D_real) / norm)  # not nan_to_num'ed: an inf weight
+    grad = grad - torch.as_tensor(w_star).reshape(shape) * torch.nan_to_num(shift / norm)   # stops the run
     return 0.5 * F.mse_loss(x, (x - grad).detach())              # L = 1/2 ||x - sg(x - grad)||^2
 
 # -----------------------------------------------------------------------------
 # Training: Algorithm 1 -- the generator (lines 3-14), then psi and its discriminator eta (lines 15-22).
 
-def train(cfg, extract=None):
+def reward_tilt(cfg, world, reward_fn=None):
+    """Appendix G: tilt(x_t, sigma, c) -> (log r*, shift), r* = R_t / Z0 (Eq. 29, 36), shift = sigma^2 grad log R_t.
+    log R(x0) = beta reward_fn(x0), by default beta a.x0; on the toy with a.x0 evaluation scores the tilted mixture."""
+    def log_reward(x0):   # a.x0: x0[0] on the toy (a = (1, 0)), the mean pixel on CIFAR-10; or a user's reward_fn(x0)
+        a_x0 = x0[:, 0] if x0.ndim == 2 else x0.flatten(1).mean(1)
+        return cfg.reward_beta * (reward_fn(x0) if reward_fn else a_x0)
+    exact = cfg.reward_estimator == 'exact'
+    if exact and reward_fn: raise SystemExit('error: --reward-estimator exact knows the toy reward a.x0 only')
+    if cfg.data == 'toy' and not reward_fn: world.target = GaussianMixture2D(tilt=cfg.reward_beta)
+    g, cap = torch.Generator().manual_seed(cfg.seed), math.inf if exact or not cfg.reward_cap else cfg.reward_cap
+    x0 = world.mixture.sample(10000, g).to(world.device) if cfg.data == 'toy' else world.images[:10000] / 127.5 - 1
+    with torch.no_grad():                                        # Eq. (31) on data, once (the same on every rank):
+        log_R = torch.cat([log_reward(x) for x in x0.split(1000)]).double()
+    log_Z = (log_R.logsumexp(0) - math.log(len(x0))).item()     # log Z0 = log mean R(x_i), and E_p*[x0] - E_p[x0]:
+    limit = (log_R.softmax(0).to(x0) @ x0.flatten(1) - x0.flatten(1).mean(0)).reshape(x0.shape[1:])
+    def tilt(x_t, sigma, c=None):
+        x = x_t.detach().requires_grad_(True)
+        with torch.enable_grad():                                # exact: Eq. (19), two densities; else Eq. (25), (30):
+            log_r = (world.target.log_prob(x, sigma) - world.mixture.log_prob(x, sigma) if exact else
+                     log_reward(world.teacher(x, sigma, c)) - log_Z)    # R_t(x_t) ~ R(mu_0,t(x_t)), mu = D_phi(x_t)
+            (g,) = torch.autograd.grad(log_r.sum(), x)
+        far = sigma > cap                                        # beyond the cap, the sigma -> infinity limits
+        return log_r.detach().float().masked_fill(far.flatten(), 0.0), torch.where(far, limit, sigma ** 2 * g)
+    return tilt
+
+def train(cfg, extract=None, reward_fn=None):
     world = World(cfg, extract)
     G, fake = [copy.deepcopy(world.teacher).requires_grad_(True) for _ in range(2)]   # theta, psi <- phi (line 1)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)                            # (eval mode: no dropout)
@@ -115,6 +155,7 @@ def train(cfg, extract=None):
     opt_G, opt_fake = adam(G.parameters(), lr=cfg.lr), adam(fake.parameters(), lr=cfg.lr_fake or cfg.lr)
     G_c, fake_c, teacher_c = world.compiled(G), world.compiled(fake), world.compiled(world.teacher)
     B, K = world.batch, max(cfg.weight_group * (cfg.h != 'kl'), 1)   # K samples share one sigma and their weights' mean
+    tilt = reward_tilt(cfg, world, reward_fn) if cfg.reward_beta else None
     kept = []                                                    # x_theta and w of the generator's micro-batches
 
     def loss_G(z, c, sigma, n):   # one micro-batch of the generator's loss (lines 3-14)
@@ -126,7 +167,9 @@ def train(cfg, extract=None):
             l, D_fake = disc_logit(fake_c, x_t, sigma, c, with_D=True)   # s_psi and the logit l_t(x_t), one pass
         w = sample_weight(l, cfg.h, cfg.lam, K * (K > 1))        # h''(r) r, r = e^{-l}
         kept.append((x.detach(), w))
-        losses = dict(loss_dm=dibregman_loss(x, D_real, D_fake, w))     # Eq. (4), Di-Bregman
+        log_r_star, shift = tilt(x_t, sigma, c) if tilt else (None, 0.0)     # Appendix G: the reward's term, and
+        w_star = 0.0 if tilt is None else sample_weight(l, cfg.h, cfg.lam, K * (K > 1), -log_r_star)   # h''(r*) r*
+        losses = dict(loss_dm=dibregman_loss(x, D_real, D_fake, w, shift, w_star))     # Eq. (4), Di-Bregman
         if cfg.w_gan == 0: return losses['loss_dm'], losses
         losses['loss_gan'] = F.softplus(-disc_logit(fake_c, x + sigma * n, sigma, c)).mean()   # -log D, line 12
         return losses['loss_dm'] + cfg.w_gan * losses['loss_gan'], losses   # L_gen = L_Di-Bregman + w_GAN L_GAN
@@ -156,8 +199,7 @@ def train(cfg, extract=None):
         losses['ess'] = w.mean() ** 2 / (w ** 2).mean()          # the weights' effective sample size, as a fraction
         return losses
 
-    def sampler(z, c):
-        return generate(G_ema, z, c, cfg.init_sigma)
+    sampler = functools.partial(generate, G_ema, sigma=cfg.init_sigma)   # sampler(z, c) = G_ema's one-step samples
     return fit(cfg, world, dict(G=G, fake=fake, G_ema=G_ema), dict(G=opt_G, fake=opt_fake), step, sampler)
 
 def main(argv=None):
