@@ -1,9 +1,23 @@
 """Shared test fixtures: one cache per session (so the toy teacher trains once), helpers to run
-a script as a user would, and the toy thresholds every method's distillation test uses."""
+a script as a user would, and the toy thresholds every method's distillation test uses.
+
+Under `pytest -n N` (pytest-xdist; the README's command has -n auto) each worker computes on one thread, and so do the
+scripts it starts: two workers with a thread per core each would fight over the cores, and tiny networks run many times
+slower then. Each test file goes to one worker whole. The workers share one cache, and the first to need the toy
+teacher trains it with torch's default thread count while the others wait."""
 import os, pathlib, subprocess, sys
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
+
+THREADS = torch.get_num_threads()              # the default: the toy teacher is trained with it, as a user's is
+
+def pytest_configure(config):   # pytest -n: whole files to a worker (a module's toy runs are made once)
+    if getattr(config.option, 'dist', 'no') == 'load': config.option.dist = 'loadfile'
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ['OMP_NUM_THREADS'] = '1'         # for the scripts the tests start
+    torch.set_num_threads(1)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -16,14 +30,23 @@ MODE_TV_MAX, PRECISION_MIN = 0.05, 0.7
 
 @pytest.fixture(scope='session', autouse=True)
 def cache(tmp_path_factory):
-    d = os.environ.get('DISTILL_TEST_CACHE') or str(tmp_path_factory.mktemp('cache'))
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get('PYTEST_XDIST_WORKER') else \
+        tmp_path_factory.getbasetemp()
+    d = os.environ.get('DISTILL_TEST_CACHE') or str(shared / 'cache')
+    os.makedirs(d, exist_ok=True)              # DISTILL_TEST_CACHE may name a folder that is not there yet
     os.environ['DISTILL_CACHE'] = d            # inherited by the scripts the tests start
     return d
 
 @pytest.fixture(scope='session')
 def toy_teacher(cache):
     import dmd
-    return dmd.toy_teacher()                   # trained once per session (about 40 s on 2 cores)
+    with FileLock(os.path.join(cache, 'toy_teacher.lock')):   # trained once (about 35 s on 2 cores), then cached
+        threads = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        try:
+            return dmd.toy_teacher()
+        finally:
+            torch.set_num_threads(threads)
 
 def run(script, *args, timeout=900, cwd=None):
     return subprocess.run([sys.executable, str(ROOT / f'{script}.py'), *map(str, args)], capture_output=True,
@@ -96,7 +119,8 @@ def vgg_weights(cache):
     `features` part, which LPIPS uses."""
     import dmd, torchvision
     path = os.path.join(cache, os.path.basename(dmd.VGG_URL))
-    if not os.path.exists(path):
-        torch.manual_seed(0)
-        torch.save({'features.' + k: v for k, v in torchvision.models.vgg16().features.state_dict().items()}, path)
+    with FileLock(path + '.lock'):
+        if not os.path.exists(path):
+            torch.manual_seed(0)
+            torch.save({'features.' + k: v for k, v in torchvision.models.vgg16().features.state_dict().items()}, path)
     return path

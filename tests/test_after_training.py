@@ -1,7 +1,7 @@
 """After training: --eval-only on every script (a row of metrics.jsonl at the checkpoint's step, the same samples as the
 run's own final evaluation, no training, the world taken from the checkpoint), the saved samples (toy .npy, CIFAR-10
 .npz in the guided-diffusion evaluator's format) and figures/plot_runs.py on two runs."""
-import json, os, shutil, subprocess, sys
+import importlib, json, os, shutil, subprocess, sys
 import numpy as np
 import pytest
 import torch
@@ -16,8 +16,8 @@ def rows(out):
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_eval_only_scores_the_checkpoint_without_training(script, tmp_path, toy_teacher):
     out = tmp_path / 'run'
-    r = run(script, *SHORT, '--out', out)
-    assert r.returncode == 0, r.stderr[-2000:]
+    mod = importlib.import_module(script)
+    mod.train(mod.get_config([*SHORT, '--out', str(out)]))             # trained here; scored from the command line
     trained, ckpt = rows(out), (out / 'ckpt.pt').read_bytes()
     x_train = np.load(out / 'toy_samples.npy')
     os.remove(out / 'toy_samples.npy')
@@ -35,12 +35,17 @@ def test_eval_only_scores_the_checkpoint_without_training(script, tmp_path, toy_
     assert len(os.listdir(out / 'frames')) == 3                        # no frame added by the evaluation
 
 def test_eval_only_refuses_what_it_cannot_score(tmp_path, toy_teacher):
+    """A checkpoint of another script, or none: one line (the command line's is checked once, the rest in-process)."""
+    import dmd
     out = tmp_path / 'run'
-    assert run('dmd', *SHORT, '--out', out).returncode == 0
+    dmd.train(dmd.get_config([*SHORT, '--out', str(out)]))
     for other in [s for s in SCRIPTS if s != 'dmd']:
         for flag in ('--eval-only', '--resume'):
-            r = run(other, '--data', 'toy', '--out', out, flag)
-            assert r.returncode == 1 and r.stderr.strip().splitlines() == [f'error: {out / "ckpt.pt"} was written by dmd.py']
+            with pytest.raises(SystemExit) as e:
+                importlib.import_module(other).get_config(['--data', 'toy', '--out', str(out), flag])
+            assert str(e.value) == f'error: {out / "ckpt.pt"} was written by dmd.py'
+    r = run(SCRIPTS[-1], '--data', 'toy', '--out', out, '--eval-only')
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f'error: {out / "ckpt.pt"} was written by dmd.py']
     r = run('dmd', '--out', tmp_path / 'none', '--eval-only')
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f'error: no checkpoint {tmp_path / "none" / "ckpt.pt"} '
                                                                    'to --resume or --eval-only']
@@ -74,7 +79,8 @@ def test_cifar_final_samples_are_an_npz_for_the_evaluator(tmp_path, cond):
 def test_plot_runs_draws_both_runs_and_tabulates_their_final_rows(tmp_path, toy_teacher):
     outs = [tmp_path / 'dmd', tmp_path / 'sid']
     for script, out in zip(('dmd', 'sid'), outs):
-        assert run(script, *SHORT, '--out', out).returncode == 0
+        mod = importlib.import_module(script)
+        mod.train(mod.get_config([*SHORT, '--out', str(out)]))
     png = tmp_path / 'cmp.png'
     r = subprocess.run([sys.executable, str(ROOT / 'figures' / 'plot_runs.py'), *map(str, outs), '--png', str(png)],
                        capture_output=True, text=True, cwd=ROOT)
@@ -91,8 +97,9 @@ def test_plot_runs_draws_both_runs_and_tabulates_their_final_rows(tmp_path, toy_
     assert r.returncode == 1 and 'metrics.jsonl not found' in r.stderr
 
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, toy_teacher):
+    import dmd
     out = tmp_path / 'run'
-    assert run('dmd', *SHORT, '--out', out).returncode == 0
+    dmd.train(dmd.get_config([*SHORT, '--out', str(out)]))
     before, ckpt = rows(out), (out / 'ckpt.pt').read_bytes()
     r = run('dmd', *SHORT, '--out', out, '--resume')
     assert r.returncode == 0 and f'{out} is finished, at step 32 of 32' in r.stdout, r.stdout + r.stderr

@@ -56,13 +56,16 @@ def tiny_cifar_cfg(tmp_path, out, kimg, *extra):
                            '--fid-samples', '32', '--fid-final', '48', '--device', 'cpu', '--reg-loss', 'l2', *extra])
 
 def test_tiny_cifar_run_resume_equals_uninterrupted(tmp_path):
-    full = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'full', 0.064), extract=fake_extractor)
+    """A tiny CIFAR-shaped run through FID, stopped after 4 steps and resumed, ends equal to the uninterrupted run
+    (without the anchor, whose teacher pairs cost the time here; the toy's resume tests run it)."""
+    full = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'full', 0.064, '--lambda-reg', '0'), extract=fake_extractor)
     assert full['step'] == 8
     rows = [json.loads(l) for l in open(tmp_path / 'full' / 'metrics.jsonl')]
     assert [r['step'] for r in rows] == [0, 4, 8] and all(r['fid_legacy'] > 0 and r['fid_clean'] > 0 for r in rows)
     assert (tmp_path / 'full' / 'samples.png').exists()
-    dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.032), extract=fake_extractor)       # stop after 4 steps ...
-    split = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.064, '--resume'), extract=fake_extractor)  # ... go on
+    dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.032, '--lambda-reg', '0'), extract=fake_extractor)  # 4 steps
+    split = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'split', 0.064, '--lambda-reg', '0', '--resume'),
+                      extract=fake_extractor)                                                             # ... then on
     for name in ('G', 'fake', 'G_ema'):
         a, b = full['nets'][name].state_dict(), split['nets'][name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -79,7 +82,7 @@ def test_the_random_teacher_leaves_the_noise_stream_alone(tmp_path):
     assert torch.equal(z, torch.randn(4, 3, 32, 32))
 
 def test_bench_reports_step_time_and_flops():
-    r = run('dmd', '--bench', '1', '--batch', '2', '--device', 'cpu', timeout=600)
+    r = run('dmd', '--bench', '1', '--batch', '1', '--device', 'cpu', timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     line = [l for l in r.stdout.splitlines() if l.startswith('bench')][-1]
     for key in ('ms_per_step', 'img_per_s', 'peak_mem_gib', 'tflops', 'gflop_per_img', 'mfu'):
@@ -133,8 +136,42 @@ def test_lpips_offline_error_names_url_and_place(tmp_path, monkeypatch):
 
 def test_tiny_cifar_run_with_the_lpips_anchor(tmp_path, vgg_weights):
     """The paper's anchor (--reg-loss lpips, the CIFAR-10 default) through the loop: its loss is LPIPS of G's pairs."""
-    res = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'lp', 0.016, '--reg-loss', 'lpips', '--fid-final', '0'),
-                    extract=fake_extractor)
+    res = dmd.train(tiny_cifar_cfg(tmp_path, tmp_path / 'lp', 0.004, '--reg-loss', 'lpips', '--fid-final', '0',
+                                   '--batch', '2', '--reg-pairs', '4'), extract=fake_extractor)
     assert res['step'] == 2
     rows = [json.loads(l) for l in open(tmp_path / 'lp' / 'metrics.jsonl')]
     assert rows[-1]['final'] and os.path.exists(tmp_path / 'lp' / 'samples.png')
+
+def test_fake_score_generator_is_adds_score_distillation(tmp_path, monkeypatch, toy_teacher):
+    """--fake-score generator (ADD, the notes' Eq. 67-70): in a training step the fake denoiser's output is G(z) itself,
+    so the gradient on each sample x = G(z) is along Eq. (68)'s 2 (G(z) - x_psi(x_t)), x_psi the teacher, with a
+    positive per-sample factor; nothing learns a fake score (no network, no optimizer, one update per step); and the
+    learned run's gradient is not along it."""
+    calls, real = [], dmd.dmd_loss
+    def spy(x, D_real, D_fake):
+        calls.append((x, D_real, D_fake))
+        x.register_hook(lambda g: calls.append(g))
+        return real(x, D_real, D_fake)
+    monkeypatch.setattr(dmd, 'dmd_loss', spy)
+    steps = []
+    real_step = dmd.World.step
+    def count(self, opt, *a, **k):
+        steps.append(opt)
+        return real_step(self, opt, *a, **k)
+    monkeypatch.setattr(dmd.World, 'step', count)
+    args = ['--data', 'toy', '--kimg', '0.256', '--batch', '128', '--eval-every', '1', '--lambda-reg', '0']
+    res = dmd.train(dmd.get_config([*args, '--out', str(tmp_path / 'add'), '--fake-score', 'generator']))
+    assert res['step'] == 2 and set(res['nets']) == {'G', 'G_ema'} and len(steps) == 2
+    for (x, D_real, D_fake), g in zip(calls[0::2], calls[1::2]):
+        assert torch.equal(D_fake, x.detach())                           # x_phi(x_t) = G(z), Eq. (69)
+        direction = 2 * (x.detach() - D_real)                            # Eq. (68)
+        factor = (g * direction).sum(1) / direction.pow(2).sum(1)
+        torch.testing.assert_close(g, factor[:, None] * direction, rtol=1e-5, atol=1e-9)
+        assert (factor > 0).all()
+    calls.clear()
+    dmd.train(dmd.get_config([*args, '--out', str(tmp_path / 'dmd')]))
+    x, D_real, D_fake = calls[-2]                                        # the second step: the fake network moved
+    g = calls[-1]
+    direction = x.detach() - D_real
+    cos = (g * direction).sum(1) / (g.norm(dim=1) * direction.norm(dim=1))
+    assert (cos < 0.99).float().mean() > 0.5                             # DMD's learned fake score: another direction

@@ -186,3 +186,95 @@ def test_fid_path_on_synthetic_images(tmp_path):
     noise = dmd.fid([torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)], fake_extractor, str(tmp_path / 'ref_{mode}.npz'), real)
     assert set(same) == {'fid_legacy', 'fid_clean'} and os.path.exists(tmp_path / 'ref_clean.npz')
     assert abs(same['fid_legacy']) < 1e-6 and noise['fid_legacy'] > 0.05 and noise['fid_clean'] > 0.05
+
+# ---- FID's feature extractor through a stand-in for clean-fid's TorchScript Inception -----------------------
+# The official inception-2015-12-05.pt is a TorchScript module: forward(img, return_features) takes images in [0, 255]
+# (uint8 is fine), resizes them to 299 x 299 itself (bilinear) and normalises them; its `layers` module takes an already
+# normalised 299 x 299 batch. The stand-in has that interface, and features that record what it was fed.
+
+class StandInLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 8 * 8, 2042, bias=False)
+    def forward(self, x):   # (N, 3, 299, 299) normalised -> (N, 2048, 1, 1), as pool3
+        n = x.shape[0]
+        seen = torch.stack([x.amin((1, 2, 3)), x.amax((1, 2, 3)), torch.full([n], float(x.shape[2])),
+                            torch.full([n], float(x.shape[3])), torch.zeros(n), torch.zeros(n)], 1)
+        return torch.cat([seen, self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))], 1)[:, :, None, None]
+
+class StandInInception(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = StandInLayers()
+    def forward(self, img, return_features: bool = False):
+        uint8 = float(img.dtype == torch.uint8)
+        x = img.to(torch.float32)
+        if x.shape[2] != 299 or x.shape[3] != 299:
+            x = torch.nn.functional.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        f = self.layers((x - 128) / 128).reshape(x.shape[0], 2048)
+        f = torch.cat([f[:, :4], torch.ones_like(f[:, :1]), torch.full_like(f[:, :1], uint8), f[:, 6:]], 1)
+        return f if return_features else f[:, :1008]
+
+def test_clean_fid_extractor_through_a_stand_in_inception(tmp_path, monkeypatch):
+    """clean_fid_extractor and fid() end to end, offline: the stand-in is written under the official file name into the
+    cache, so no download happens. 'legacy_tensorflow' hands the uint8 32 x 32 images to the network, which resizes
+    them; 'clean' resizes them with PIL bicubic in float first (clean-fid's resizer) and feeds `layers` the normalised
+    299 x 299 batch. Both: float32 (N, 2048) on the host, layers' input in [-1, 1]; a constant image gives the same
+    features in both modes; the clean mode equals PIL's bicubic resize done here; fid() of two constant sets is the
+    squared distance of their features, of a set against itself 0, and the reference statistics are the features'."""
+    from PIL import Image
+    monkeypatch.setenv('DISTILL_CACHE', str(tmp_path))
+    torch.manual_seed(0)
+    net = torch.jit.script(StandInInception().eval())
+    net.save(str(tmp_path / 'inception-2015-12-05.pt'))
+    monkeypatch.setattr(dmd.torch.hub, 'download_url_to_file', lambda *a, **k: pytest.fail('a download was tried'))
+    extract = dmd.clean_fid_extractor(torch.device('cpu'))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    legacy, clean = extract(x, 'legacy_tensorflow'), extract(x, 'clean')
+    for f, resized_inside in ((legacy, 1.0), (clean, 0.0)):
+        assert isinstance(f, np.ndarray) and f.shape == (6, 2048) and f.dtype == np.float32
+        assert (f[:, 0] >= -1).all() and (f[:, 1] <= 1).all() and (f[:, 1] - f[:, 0] > 1).all()   # [-1, 1], not [0, 255]
+        assert (f[:, 2:4] == 299).all() and (f[:, 4] == resized_inside).all() and (f[:, 5] == resized_inside).all()
+    assert np.abs(legacy[:, 6:] - clean[:, 6:]).max() > 1e-3              # bilinear inside against bicubic first
+    channels = [np.asarray(Image.fromarray(c.numpy().astype(np.float32), mode='F').resize((299, 299), Image.BICUBIC))
+                for c in x[0]]                                             # clean: PIL bicubic in float, clipped
+    want = net.layers((torch.from_numpy(np.stack(channels)).clamp(0, 255)[None] - 128) / 128).flatten()
+    np.testing.assert_allclose(clean[0, 6:], want[6:].detach().numpy(), rtol=1e-4, atol=1e-5)
+    flat = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)              # a constant image: the same in both modes
+    np.testing.assert_allclose(extract(flat, 'legacy_tensorflow')[0, 6:], extract(flat, 'clean')[0, 6:], atol=1e-5)
+    np.testing.assert_allclose(extract(flat, 'clean')[0, :2], [72 / 128] * 2, atol=1e-5)
+    # fid() end to end on these features. Its arithmetic on 2048-d features is scipy's sqrtm, 15 s a call on a 2-core
+    # CPU; test_fid_is_the_frechet_distance_of_the_features checks it with clean-fid's own function, so here an exact
+    # eigh-based Frechet distance stands in for it.
+    import cleanfid.fid
+    monkeypatch.setattr(cleanfid.fid, 'frechet_distance', frechet_by_eigh)
+    a, b = torch.full((20, 3, 32, 32), 30, dtype=torch.uint8), torch.full((20, 3, 32, 32), 220, dtype=torch.uint8)
+    out = dmd.fid([b[:7], b[7:]], extract, str(tmp_path / 'ref_{mode}.npz'), lambda: a.split(8))
+    for mode, key in (('legacy_tensorflow', 'fid_legacy'), ('clean', 'fid_clean')):     # constant sets: no covariance,
+        want = ((extract(a[:1], mode) - extract(b[:1], mode)).astype(np.float64) ** 2).sum()   # FID = |mu_a - mu_b|^2
+        assert want > 1 and math.isclose(out[key], want, rel_tol=1e-4), (mode, out[key], want)
+        ref = np.load(tmp_path / f'ref_{mode}.npz')                          # the cached reference statistics
+        np.testing.assert_allclose(ref['mu'], extract(a[:1], mode)[0], rtol=1e-5, atol=1e-6)
+    x2 = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8, generator=g)
+    same = dmd.fid([x2[:10], x2[10:]], extract, str(tmp_path / 'x2_{mode}.npz'), lambda: x2.split(16))
+    assert abs(same['fid_legacy']) < 1e-4 and abs(same['fid_clean']) < 1e-4         # round-off of 2048-d float32
+
+def frechet_by_eigh(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the trace of the root as that of (S1^(1/2) S2 S1^(1/2))^(1/2)."""
+    e, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(e.clip(0))) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
+
+def test_load_edm_state_dict_mismatch_is_one_line(tmp_path):
+    """A pickle whose weights do not fit the network its own settings describe (here: the settings say 32 channels,
+    the weights have 16) fails strict loading; torch's message spans lines, the error is one."""
+    net = dmd.EDMPrecond(model_channels=16)
+    path = tmp_path / 'mismatch.pkl'
+    write_official_pickle(path, net, dict(model_channels=32))
+    with pytest.raises(SystemExit) as e:
+        dmd.load_edm(str(path))
+    msg = str(e.value)
+    assert '\n' not in msg and '\t' not in msg and msg.startswith(f'error: {path} is not a usable EDM network (Runtime')
+    assert 'size mismatch' in msg and msg.endswith('Delete it to re-download, or pass another --teacher.')

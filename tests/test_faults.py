@@ -51,19 +51,23 @@ def final_state(out):
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     return ck['step'], ck['nets'], np.load(os.path.join(out, 'toy_samples.npy'))
 
+def start(script, *args, log):   # the script in the background, on one thread (bit-identity needs one thread count)
+    return subprocess.Popen([sys.executable, str(ROOT / f'{script}.py'), *map(str, args)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL, stderr=open(log, 'w'))
+
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_sigkill_then_resume_is_bit_identical(script, tmp_path, toy_teacher):
-    assert run(script, *SHORT, '--out', tmp_path / 'a').returncode == 0
-    p = subprocess.Popen([sys.executable, str(ROOT / f'{script}.py'), *SHORT, '--out', str(tmp_path / 'b')],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    a = start(script, *SHORT, '--out', tmp_path / 'a', log=tmp_path / 'a.log')       # side by side with ...
+    p = start(script, *SHORT, '--out', tmp_path / 'b', log=tmp_path / 'b.log')       # ... the run to kill
     ckpt = tmp_path / 'b' / 'ckpt.pt'
     while not ckpt.exists() and p.poll() is None: time.sleep(0.05)
     mtime = ckpt.stat().st_mtime_ns
     while ckpt.stat().st_mtime_ns == mtime and p.poll() is None: time.sleep(0.02)   # a second checkpoint is written ...
     p.send_signal(signal.SIGKILL); p.wait()                                           # ... and the run is killed
     assert p.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
-    r = run(script, *SHORT, '--out', tmp_path / 'b', '--resume')
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert a.wait() == 0, (tmp_path / 'a.log').read_text()[-2000:]
+    r = start(script, *SHORT, '--out', tmp_path / 'b', '--resume', log=tmp_path / 'r.log')
+    assert r.wait() == 0, (tmp_path / 'r.log').read_text()[-2000:]
     step_a, nets_a, x_a = final_state(tmp_path / 'a')
     step_b, nets_b, x_b = final_state(tmp_path / 'b')
     assert step_a == step_b and np.array_equal(x_a, x_b)

@@ -19,13 +19,25 @@ def test_shared_sections_identical():
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_line_cap(script):
-    assert len((ROOT / f'{script}.py').read_text().splitlines()) <= 880
+    """At most 920 lines a script; the shared part, from the banner to the end, at most 715."""
+    lines = (ROOT / f'{script}.py').read_text().splitlines()
+    banner = next(i for i, line in enumerate(lines) if line.startswith('# ==== Everything below is identical'))
+    assert len(lines) <= 920 and len(lines) - banner <= 715, (len(lines), len(lines) - banner)
+
+def test_the_test_cache_folder_is_made_when_missing(tmp_path):
+    """DISTILL_TEST_CACHE naming a folder that does not exist yet: the tests make it and use it."""
+    cache = tmp_path / 'not' / 'there'
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                        'tests/test_dmd.py::test_lpips_offline_error_names_url_and_place', 'tests/test_edm.py::test_preconditioning_is_edm_table_1'],
+                       cwd=ROOT, env=dict(os.environ, DISTILL_TEST_CACHE=str(cache)), capture_output=True, text=True)
+    assert r.returncode == 0 and '2 passed' in r.stdout, r.stdout[-2000:]
+    assert cache.is_dir()
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_method_comes_before_the_shared_sections(script):
     lines = (ROOT / f'{script}.py').read_text().splitlines()
     first_shared = next(i for i, line in enumerate(lines) if line.startswith('# === BEGIN SHARED'))
-    assert lines.index('def train(cfg, extract=None):') < first_shared
+    assert next(i for i, line in enumerate(lines) if line.startswith('def train(cfg, extract=None')) < first_shared
     assert lines[first_shared - 2].startswith('# ==== Everything below is identical in all five scripts')
     assert lines[-2:] == ["if __name__ == '__main__':", '    main()']
 
