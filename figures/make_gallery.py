@@ -1,7 +1,7 @@
 """The toy gallery and the class experiments: every method on the 2-D mixture, over several seeds.
 
-    python figures/make_gallery.py                  # CPU: 15 toy commands x 3 seeds, over an hour on 2 cores
-    python figures/make_gallery.py --jobs 2         # two runs at a time, one thread each (90 min here, shared)
+    python figures/make_gallery.py                  # CPU: 23 toy commands x 3 seeds, hours on 2 cores
+    python figures/make_gallery.py --jobs 2         # two runs at a time, one thread each
     python figures/make_gallery.py --only dmd,sid --seeds 0,1,2,3,4   # a subset, more seeds; tables only
 
 Each run is `python <script>.py --data toy --seed S --out runs/gallery/seed<S>/<name> [flags]`, exactly as a user runs
@@ -12,7 +12,8 @@ the range over the seeds. Without --only it also writes, from the first seed's r
   figures/toy_gallery.png      the final one-step samples of every panel, 10k each (the first: the teacher's Heun sampler)
   figures/toy_training.gif     the same panels through training, one frame per evaluation (each run's frames/)
   figures/dibregman_modes.png  the mode frequencies of dibregman.py --h kl and --h sba --lam 5 against kimg
-and it prints the README's tables: the gallery, the experiments for a class, and Di-Bregman's details per seed.
+and it prints the README's tables: the gallery, the experiments for a class, Di-Bregman's details per seed, its
+reward-tilted runs (Appendix G) and the first-order estimator against the exact one.
 """
 import argparse, concurrent.futures, json, os, re, subprocess, sys, time
 import numpy as np
@@ -26,12 +27,19 @@ PANELS = [('dmd', []), ('sid', []), ('consistency', []), ('gan_only', []),
           ('dibregman', ['--h', 'lr']), ('dibregman', ['--h', 'kl']), ('dibregman', ['--h', 'be']),
           ('dibregman', ['--h', 'ls']), ('dibregman', ['--h', 'sba', '--lam', '5'])]
 EXPERIMENTS = [('dmd', ['--lambda-reg', '0']), ('dmd', ['--lambda-reg', '0', '--fake-steps', '5']),
+               ('dmd', ['--fake-score', 'generator']), ('dmd', ['--lambda-reg', '0', '--fake-score', 'generator']),
                ('dibregman', ['--h', 'sba', '--lam', '5', '--weight-group', '0']), ('sid', ['--alpha', '0']),
                ('consistency', ['--mode', 'ct']), ('gan_only', ['--h', 'lr'])]
 TWO_STEP = ('consistency', ['--sample-steps', '2'])                 # experiment 7: --eval-only of the CD run
+REWARD = [('dibregman', ['--h', 'kl', '--reward-beta', '1', '--reward-estimator', 'exact']),    # Appendix G
+          ('dibregman', ['--h', 'kl', '--reward-beta', '1']),                    # first-order, the limits above sigma 10
+          ('dibregman', ['--h', 'kl', '--reward-beta', '1', '--reward-cap', '0']),    # first-order at every sigma
+          ('dibregman', ['--h', 'lr', '--reward-beta', '0.5', '--reward-estimator', 'exact']),
+          ('dibregman', ['--h', 'lr', '--reward-beta', '0.5']),
+          ('dibregman', ['--h', 'kl', '--reward-beta', '-1'])]   # Eq. (35) as printed, for KL and first-order
 
 def name_of(script, flags):
-    return script + ''.join('_' + f.lstrip('-') for f in flags)
+    return script + ''.join('_' + (f[2:] if f.startswith('--') else f) for f in flags)   # a value keeps its sign
 
 def out_of(runs, seed, script, flags):
     return os.path.join(runs, f'seed{seed}', name_of(script, flags))
@@ -83,6 +91,38 @@ def row(script, flags, results):   # results: [(final, wall)] over seeds
     return (f"| `{cmd}` | {finals[0]['kimg']:.0f} | {spread([f['mode_tv'] for f in finals])} | "
             f"{spread([f['precision'] for f in finals])} | {np.median(walls):.0f} s |")
 
+def reward_details(runs, seeds, results):
+    """Appendix G's runs: mode_tv against the tilted mixture, precision, mode_tv against the untilted one; then the runs
+    without a reward against the tilted mixtures (what the reward moved), and the printed sign's run against beta 1's."""
+    print('\n| command | mode_tv (tilted mixture) | precision | mode_tv (untilted mixture) | wall |\n|---|---|---|---|---|')
+    for script, flags in REWARD:
+        finals, walls = zip(*[results[script, tuple(flags), seed] for seed in seeds])
+        print(f"| `python {script}.py --data toy {' '.join(flags)}` | {spread([f['mode_tv'] for f in finals])} | "
+              f"{spread([f['precision'] for f in finals])} | {spread([f['mode_tv_untilted'] for f in finals])} | "
+              f'{np.median(walls):.0f} s |')
+    for h, beta in (['kl', 1.0], ['lr', 0.5], ['kl', -1.0]):
+        flags = ['--h', h, '--reward-beta', '-1'] if beta < 0 else ['--h', h]
+        tv = [dmd.GaussianMixture2D(tilt=abs(beta)).metrics(torch.from_numpy(np.load(os.path.join(
+            out_of(runs, seed, 'dibregman', flags), 'toy_samples.npy'))))['mode_tv'] for seed in seeds]
+        print(f"| `python dibregman.py --data toy {' '.join(flags)}`, against the beta {abs(beta):g} tilted mixture | "
+              f'{spread(tv)} | | | |')
+
+def first_order_table():
+    """Why Eq. (25) needs a cap on the toy: the mean over 4000 noised data points of the shift sigma^2 grad log R_t
+    (first coordinate, beta 1), exact, first-order through the toy teacher, and first-order with the default cap."""
+    import dibregman
+    mixture = dmd.GaussianMixture2D()
+    def estimator(*flags):
+        cfg = dibregman.get_config(['--data', 'toy', '--h', 'kl', '--reward-beta', '1', *flags])
+        return dibregman.reward_tilt(cfg, dibregman.World(cfg))
+    tilts = [estimator('--reward-estimator', 'exact'), estimator('--reward-cap', '0'), estimator()]
+    print('\n| sigma | exact | first-order (Eq. 25) | first-order, capped at 10 |\n|---|---|---|---|')
+    for sigma in (0.1, 0.5, 1, 2, 5, 10, 14, 20, 40, 80):
+        g = torch.Generator().manual_seed(3)
+        x_t = mixture.sample(4000, g) + sigma * torch.randn(4000, 2, generator=g)
+        shifts = [tilt(x_t, torch.full((4000, 1), float(sigma)))[1][:, 0].mean().item() for tilt in tilts]
+        print(f'| {sigma:g} | ' + ' | '.join(f'{v:.3f}' for v in shifts) + ' |')
+
 def frames(out):   # [(kimg, samples (4000, 2))] of a run, in order
     files = sorted(f for f in os.listdir(os.path.join(out, 'frames')) if f.endswith('.npy'))
     return [(float(f[4:-4]), np.load(os.path.join(out, 'frames', f))) for f in files]
@@ -111,6 +151,39 @@ def dibregman_details(runs, seeds, mixture):
         lr = min(e for _, e in ess_curve(out_of(runs, seed, 'dibregman', ['--h', 'lr'])))
         print(f'| {seed} | {cells[0]} | {cells[1]} | {ess[0][1]:.2f}, {final:.2f}, {settled:.0f} | {lr:.3f} |')
 
+def animate(outs, titles, path, mixture, teacher):
+    """The README's first picture: frame i of every run (each has one frame per evaluation, kimg 0 first) in a 2 x 5 grid
+    880 pixels wide, its text at least 11 pixels high, so it reads at the README's width."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation
+    plt.rcParams.update({'font.size': 10, 'font.family': 'DejaVu Sans'})
+    fig, axes = plt.subplots(2, 5, figsize=(11, 6))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.045, top=0.84, wspace=0.12, hspace=0.42)
+    xx, yy = torch.meshgrid(torch.linspace(-3, 3, 160), torch.linspace(-3, 3, 160), indexing='xy')
+    log_p = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(160, 160).clamp_min(-12)
+    movies = [frames(out) for out in outs]
+    n = min(len(f) for f in movies)
+    def panel(ax, x, name, kimg):
+        m = mixture.metrics(torch.as_tensor(x))
+        ax.clear()
+        ax.contour(xx, yy, log_p, levels=10, cmap='Blues', linewidths=0.6)
+        ax.scatter(x[:, 0], x[:, 1], s=1.2, c='tab:red', alpha=0.5, linewidths=0)
+        ax.set(xlim=(-2.9, 2.9), ylim=(-2.9, 2.9), aspect='equal', xticks=[], yticks=[])
+        ax.set_title(f'{name}\n{kimg}', fontsize=10.5, pad=3)
+        ax.set_xlabel(f"tv {m['mode_tv']:.3f}   p {m['precision']:.2f}", fontsize=10.5, labelpad=2)
+    def draw(i):
+        panel(axes.flat[0], teacher.numpy(), 'teacher (35 steps)', 'Heun')
+        for ax, title, movie in zip(axes.flat[1:], titles, movies):
+            kimg, x = movie[min(round(i * (len(movie) - 1) / (n - 1)), len(movie) - 1)]
+            panel(ax, x, title, f'kimg {kimg:.0f}')
+    fig.suptitle('python <script>.py --data toy: one-step samples (red) through training, over the exact density (blue)\n'
+                 'tv: mode_tv, the total variation of the 8 mode frequencies from the weights 1:2:...:8; p: precision',
+                 fontsize=11, y=0.985)
+    FuncAnimation(fig, draw, frames=n).save(path, 'pillow', fps=3, dpi=80)
+    plt.close(fig)
+
 def figures(runs, seed, folder, mixture, teacher):
     import matplotlib
     matplotlib.use('Agg')
@@ -125,16 +198,8 @@ def figures(runs, seed, folder, mixture, teacher):
         dmd.draw_toy(ax, mixture, torch.from_numpy(np.load(os.path.join(out, 'toy_samples.npy'))), title)
     fig.suptitle(f'one-step samples on the 2-D mixture (weights 1:2:...:8), --seed {seed}; contours: the exact density')
     fig.savefig(os.path.join(folder, 'toy_gallery.png'), dpi=80, bbox_inches='tight')
-    # the animated gallery: frame i of every run (each run has one frame per evaluation, kimg 0 first)
-    movies = [frames(out) for out in outs]
-    n = min(len(f) for f in movies)
-    def draw(i):
-        dmd.draw_toy(axes.flat[0], mixture, teacher[:4000], 'teacher, Heun 35 NFE')
-        for ax, title, movie in zip(axes.flat[1:], titles, movies):
-            kimg, x = movie[min(round(i * (len(movie) - 1) / (n - 1)), len(movie) - 1)]
-            dmd.draw_toy(ax, mixture, torch.from_numpy(x), f'{title}, kimg {kimg:.0f}')
-    FuncAnimation(fig, draw, frames=n).save(os.path.join(folder, 'toy_training.gif'), 'pillow', fps=3, dpi=45)
     plt.close(fig)
+    animate(outs, titles, os.path.join(folder, 'toy_training.gif'), mixture, teacher[:4000])
     # Di-Bregman's mode frequencies against kimg, kl and sba 5
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     colors = plt.get_cmap('viridis')(np.linspace(0, 0.9, 8))
@@ -165,7 +230,7 @@ def main():
     unknown = set(scripts) - {s for s, _ in PANELS}
     if unknown: p.error(f'--only: unknown scripts {sorted(unknown)}')
     panels, experiments = [c for c in PANELS if c[0] in scripts], [c for c in EXPERIMENTS if c[0] in scripts]
-    commands = panels + experiments
+    commands = panels + experiments + [c for c in REWARD if c[0] in scripts]
     if args.jobs > 1: torch.set_num_threads(1)          # as each run: two threads per core slow tiny networks 100x
     dmd.toy_teacher()                                   # trained once (cached) before the runs, which all load it
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -186,6 +251,8 @@ def main():
     print(f'\n{head}')
     print('\n'.join(row(s, f, [results[s, tuple(f), seed] for seed in seeds]) for s, f in experiments))
     if 'dibregman' in scripts: dibregman_details(args.runs, seeds, mixture)
+    if 'dibregman' in scripts: reward_details(args.runs, seeds, results)
+    if 'dibregman' in scripts: first_order_table()
     if args.only: return
     figures(args.runs, seeds[0], args.figures, mixture, teacher)
     print(f'\nwrote the figures of seed {seeds[0]} to {args.figures}')
