@@ -308,3 +308,45 @@ def test_first_order_estimator_with_and_without_its_cap(toy_teacher):
         assert e > 1 and f < 0, (sigma, f, e)                            # the teacher's Jacobian: the wrong sign
         c, log_r = mean_shift(capped, sigma)
         assert abs(c - e) < 0.05 * e and log_r == 0, (sigma, c, e)
+
+def test_a_users_own_reward(tmp_path, toy_teacher):
+    """train(cfg, reward_fn=...): log R = beta reward_fn(x0), evaluated (first-order) on the teacher's denoised points and
+    differentiated through them, so a run takes it; the exact estimator, which knows only a.x0, refuses it in one line."""
+    seen = []
+    def reward_fn(x0):                                                   # reward the second coordinate
+        seen.append(x0.requires_grad)
+        return x0[:, 1]
+    args = ['--data', 'toy', '--h', 'kl', '--reward-beta', '2', '--kimg', '0.256', '--batch', '128', '--eval-every', '1']
+    res = db.train(db.get_config([*args, '--out', str(tmp_path / 'own')]), reward_fn=reward_fn)
+    assert res['step'] == 2 and True in seen                             # called on D_phi(x_t) with its graph
+    rows = [json.loads(line) for line in open(tmp_path / 'own' / 'metrics.jsonl')]
+    assert 'mode_tv_untilted' not in rows[-1]                            # its target is not the tilted mixture
+    with pytest.raises(SystemExit, match='^error: --reward-estimator exact knows the toy reward a.x0 only$'):
+        db.train(db.get_config([*args, '--out', str(tmp_path / 'exact'), '--reward-estimator', 'exact']), reward_fn=reward_fn)
+
+def test_reward_beta_0_is_the_run_without_appendix_g(tmp_path, monkeypatch, toy_teacher):
+    """--reward-beta 0 (the default) never builds the reward's estimator, and the loss and weights it computes are, bit
+    for bit, Eq. (4)'s as the script computed them before Appendix G was added (the formulas written out here); a
+    training run of the old script and this one ended bit-identical on this machine (toy, every h tried)."""
+    g = torch.Generator().manual_seed(0)
+    x, D_real, D_fake = (torch.randn(64, 2, generator=g) for _ in range(3))
+    l = torch.randn(64, generator=g) * 3
+    for h in ('lr', 'kl', 'sba'):
+        logw = db.log_bregman_weight(l, h, 5.0).reshape(-1, 8)
+        before = (logw - logw.logsumexp(1, keepdim=True) + math.log(8)).exp().flatten()
+        w = db.sample_weight(l, h, 5.0, 8)
+        assert torch.equal(w, before)
+        old_grad = w[:, None] * torch.nan_to_num((D_fake - D_real) / (x - D_real).abs().mean(1, keepdim=True).clamp_min(1e-6))
+        old = 0.5 * torch.nn.functional.mse_loss(x, (x - old_grad).detach())
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        new = db.dibregman_loss(xa, D_real, D_fake, w)
+        assert torch.equal(new, old)
+        new.backward()
+        (0.5 * torch.nn.functional.mse_loss(xb, (xb - old_grad).detach())).backward()
+        assert torch.equal(xa.grad, xb.grad)
+    def refuse(*a, **k):
+        raise AssertionError('the reward estimator was built at --reward-beta 0')
+    monkeypatch.setattr(db, 'reward_tilt', refuse)
+    res = db.train(db.get_config(['--data', 'toy', '--h', 'lr', '--kimg', '0.256', '--batch', '128', '--eval-every', '1',
+                                  '--out', str(tmp_path / 'r')]))
+    assert res['step'] == 2
