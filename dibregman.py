@@ -7,10 +7,9 @@ generator-to-data density ratio, h the convex function of the Bregman divergence
 weight 1, DMD), r = e^{-l}, l the logit of a discriminator on psi's encoder (SiDA) trained on real images against G's
 samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching", arXiv 2510.16983.
 
-    python dibregman.py --h sba --lam 5             # CIFAR-10 uncond on one H100: the paper's run (fp32, see below)
-    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a few minutes; any h: lr kl be ls sba
+    python dibregman.py --h sba --lam 5             # CIFAR-10 uncond, one H100: the paper's run; its FID: 3.61 (clean)
+    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a few minutes; any h (README: the toy)
     python dibregman.py --data toy --h kl --reward-beta 1     # Appendix G: toward p* ~ exp(x0[0]) p, the tilted mixture
-Expected: the paper's CIFAR-10 FID, 3.61 (one step, clean-fid, SBA 5, uncond); toy: README, "Di-Bregman on the toy".
 Code: log_bregman_weight (Table 1's h''(r) r, r = e^{-l}), disc_logit, disc_loss (eta, Eq. 5), dibregman_loss (Eq. 4,
 DMD's w(t)), reward_tilt (Appendix G); in train(), loss_G (lines 3-14; --w-gan: 12), loss_fake (15-22, G's x_theta).
 
@@ -18,8 +17,8 @@ Appendix G (--reward-beta B): the target p*(x0) ~ R(x0) p(x0), R = exp(B a.x0), 
 data (Eq. 19, 36), R_t = E[R(x0) | x_t]. Eq. (32)'s gradient (Eq. 34 for r; for r*, the chain rule through x_t = G(eps)
 + sigma n) is -E[(h''(r) r (s_p - s_q) + h''(r*) r* grad log R_t) dG/dtheta], zero where r = r*; for KL it is DMD
 toward the tilted teacher D_phi + sigma^2 grad log R_t. Eq. (35) as printed subtracts the reward's term: it tilts
-toward 1/R. R_t: exact on the toy, or Eq. (25)'s R(D_phi(x_t)) through the teacher, whose Jacobian fails at large sigma
-(README); above --reward-cap, the sigma -> infinity limits R_t = Z0, sigma^2 grad log R_t = E_p*[x0] - E_p[x0] (data).
+toward 1/R. R_t: exact on the toy, or Eq. (25)'s R(D_phi(x_t)) through the teacher (low, by Jensen; its Jacobian
+fails at large sigma: README); above --reward-cap, the limits R_t = Z0, sigma^2 grad log R_t = E_p*[x0] - E_p[x0].
 
 CIFAR-10 defaults. Paper (Algorithm 1, Eq. 4-5): t ~ U[0, 1] for Eq. (4) (sigma = karras(u), u in [0.02, 0.98]),
 t'' ~ U[0, 0.95] for Eq. (5) (u = 1 - t''), no GAN term. SiDA, the framework the paper names (Zhou et al., ICLR 2025,
@@ -64,6 +63,7 @@ def get_config(argv=None):
     A('--reward-cap', type=nonneg_float, default=10.0, help='first-order: sigma -> inf limits above it (0: off)')
     cfg = finish_config(p, argv, DEFAULTS)
     if cfg.reward_estimator == 'exact' and cfg.data != 'toy': p.error('--reward-estimator exact needs --data toy')
+    if cfg.reward_beta and cfg.cond: p.error('--reward-beta with --cond: Z0 and the limits would be per class')
     K, B = cfg.weight_group * (cfg.h != 'kl'), cfg.batch // cfg.world_size        # a micro-batch holds whole groups
     if K and (B % K or cfg.batch_gpu % K):
         p.error(f'--batch per GPU ({B}) and --batch-gpu ({cfg.batch_gpu}) must be multiples of --weight-group {K}')
@@ -83,7 +83,7 @@ def log_bregman_weight(l, h, lam=5.0):
 
 def sample_weight(l, h, lam=5.0, group=0, l_at=None):
     """Eq. (4)'s stop-gradient weight h''(r) r over its mean in each run of `group` samples (one sigma): <= group.
-    l_at: the weight at r = e^{-l_at} instead (Appendix G's h''(r*) r*), over the same mean."""
+    l_at: the weight at r = e^{-l_at} instead (Appendix G's h''(r*) r*), over the same mean; it has no such bound."""
     logw = log_bregman_weight(l.detach().float(), h, lam)
     at = logw if l_at is None else log_bregman_weight(l_at.detach().float(), h, lam)
     if not group: return at.exp()
@@ -102,7 +102,7 @@ def disc_loss(l_real, l_fake):
     """Eq. (5) with D = sigmoid(l): -log D(x_gt, t) - log(1 - D(G(eps)_t)); its optimum is l* = log p_t / q_t."""
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
 
-def dibregman_loss(x, D_real, D_fake, w, shift=0.0, w_star=0.0):
+def dibregman_loss(x, D_real, D_fake, w, shift=0.0, w_star=None):
     """Eq. (4), Di-Bregman: per sample, the gradient with respect to x is
         grad = w (s_fake - s_real) sigma^2 / mean|D_real - x| = w (D_fake - D_real) / mean|x - D_real|,
     dmd.py's dmd_loss gradient times the weight w = sg(h''(r) r) (w = 1: exactly DMD's). Appendix G: minus w_star shift,
@@ -110,7 +110,7 @@ def dibregman_loss(x, D_real, D_fake, w, shift=0.0, w_star=0.0):
     dims, shape = tuple(range(1, x.ndim)), (-1, *[1] * (x.ndim - 1))
     norm = (x - D_real - shift).abs().mean(dims, keepdim=True).clamp_min(1e-6)     # shift 0: x - D_real
     grad = w.detach().reshape(shape) * torch.nan_to_num((D_fake - D_real) / norm)  # not nan_to_num'ed: an inf weight
-    grad = grad - torch.as_tensor(w_star).reshape(shape) * torch.nan_to_num(shift / norm)   # stops the run
+    if w_star is not None: grad = grad - w_star.reshape(shape) * (shift / norm)    # or reward stops the run
     return 0.5 * F.mse_loss(x, (x - grad).detach())              # L = 1/2 ||x - sg(x - grad)||^2
 
 # -----------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def train(cfg, extract=None, reward_fn=None):
         w = sample_weight(l, cfg.h, cfg.lam, K * (K > 1))        # h''(r) r, r = e^{-l}
         kept.append((x.detach(), w))
         log_r_star, shift = tilt(x_t, sigma, c) if tilt else (None, 0.0)     # Appendix G: the reward's term, and
-        w_star = 0.0 if tilt is None else sample_weight(l, cfg.h, cfg.lam, K * (K > 1), -log_r_star)   # h''(r*) r*
+        w_star = None if tilt is None else sample_weight(l, cfg.h, cfg.lam, K * (K > 1), -log_r_star)   # h''(r*) r*
         losses = dict(loss_dm=dibregman_loss(x, D_real, D_fake, w, shift, w_star))     # Eq. (4), Di-Bregman
         if cfg.w_gan == 0: return losses['loss_dm'], losses
         losses['loss_gan'] = F.softplus(-disc_logit(fake_c, x + sigma * n, sigma, c)).mean()   # -log D, line 12
@@ -893,7 +893,7 @@ def bench(cfg, world, step_fn):
         with FlopCounterMode(display=False) as counter, world.autocast():
             step_fn()
         flops = counter.get_total_flops()
-    except RuntimeError:                                                # it cannot follow a double backward (R1)
+    except RuntimeError:                                        # the counter fails on an inner backward (R1, reward)
         flops = float('nan')
         print("bench: torch's FLOP counter failed on this step; TFLOP/s and MFU are unknown")
     sync = torch.cuda.synchronize if cuda else time.time

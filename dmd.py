@@ -859,7 +859,7 @@ def bench(cfg, world, step_fn):
         with FlopCounterMode(display=False) as counter, world.autocast():
             step_fn()
         flops = counter.get_total_flops()
-    except RuntimeError:                                                # it cannot follow a double backward (R1)
+    except RuntimeError:                                        # the counter fails on an inner backward (R1, reward)
         flops = float('nan')
         print("bench: torch's FLOP counter failed on this step; TFLOP/s and MFU are unknown")
     sync = torch.cuda.synchronize if cuda else time.time

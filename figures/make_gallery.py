@@ -1,6 +1,6 @@
 """The toy gallery and the class experiments: every method on the 2-D mixture, over several seeds.
 
-    python figures/make_gallery.py                  # CPU: 23 toy commands x 3 seeds, hours on 2 cores
+    python figures/make_gallery.py                  # CPU: 25 toy commands x 3 seeds, hours on 2 cores
     python figures/make_gallery.py --jobs 2         # two runs at a time, one thread each
     python figures/make_gallery.py --only dmd,sid --seeds 0,1,2,3,4   # a subset, more seeds; tables only
 
@@ -34,6 +34,8 @@ TWO_STEP = ('consistency', ['--sample-steps', '2'])                 # experiment
 REWARD = [('dibregman', ['--h', 'kl', '--reward-beta', '1', '--reward-estimator', 'exact']),    # Appendix G
           ('dibregman', ['--h', 'kl', '--reward-beta', '1']),                    # first-order, the limits above sigma 10
           ('dibregman', ['--h', 'kl', '--reward-beta', '1', '--reward-cap', '0']),    # first-order at every sigma
+          ('dibregman', ['--h', 'kl', '--reward-beta', '1', '--reward-cap', '5']),
+          ('dibregman', ['--h', 'kl', '--reward-beta', '1', '--reward-cap', '3']),
           ('dibregman', ['--h', 'lr', '--reward-beta', '0.5', '--reward-estimator', 'exact']),
           ('dibregman', ['--h', 'lr', '--reward-beta', '0.5']),
           ('dibregman', ['--h', 'kl', '--reward-beta', '-1'])]   # Eq. (35) as printed, for KL and first-order
@@ -108,20 +110,26 @@ def reward_details(runs, seeds, results):
               f'{spread(tv)} | | | |')
 
 def first_order_table():
-    """Why Eq. (25) needs a cap on the toy: the mean over 4000 noised data points of the shift sigma^2 grad log R_t
-    (first coordinate, beta 1), exact, first-order through the toy teacher, and first-order with the default cap."""
+    """Why Eq. (25) needs a cap on the toy (beta 1, 4000 noised data points x_t ~ p_t per sigma): the mean shift sigma^2
+    grad log R_t (first coordinate), exact and first-order; the median over the points of each estimate's relative
+    error, |estimate - exact| / |exact|, for the first-order shift and for the sigma -> infinity limit that replaces it
+    above --reward-cap; and the mean of r* = R_t / Z0 over p_t, which is 1 exactly (Eq. 27), by the first-order R_t."""
     import dibregman
     mixture = dmd.GaussianMixture2D()
     def estimator(*flags):
         cfg = dibregman.get_config(['--data', 'toy', '--h', 'kl', '--reward-beta', '1', *flags])
         return dibregman.reward_tilt(cfg, dibregman.World(cfg))
-    tilts = [estimator('--reward-estimator', 'exact'), estimator('--reward-cap', '0'), estimator()]
-    print('\n| sigma | exact | first-order (Eq. 25) | first-order, capped at 10 |\n|---|---|---|---|')
-    for sigma in (0.1, 0.5, 1, 2, 5, 10, 14, 20, 40, 80):
+    exact, first, limit = estimator('--reward-estimator', 'exact'), estimator('--reward-cap', '0'), \
+        estimator('--reward-cap', '1e-9')
+    print('\n| sigma | mean shift, exact | mean shift, first-order | median error, first-order | median error, limit | '
+          'E[r*], first-order |\n|---|---|---|---|---|---|')
+    for sigma in (0.1, 0.5, 1, 2, 3, 5, 10, 14, 20, 40, 80):
         g = torch.Generator().manual_seed(3)
         x_t = mixture.sample(4000, g) + sigma * torch.randn(4000, 2, generator=g)
-        shifts = [tilt(x_t, torch.full((4000, 1), float(sigma)))[1][:, 0].mean().item() for tilt in tilts]
-        print(f'| {sigma:g} | ' + ' | '.join(f'{v:.3f}' for v in shifts) + ' |')
+        (_, e), (log_r, f), (_, m) = [tilt(x_t, torch.full((4000, 1), float(sigma))) for tilt in (exact, first, limit)]
+        err = [((v - e).norm(dim=1) / e.norm(dim=1)).median().item() for v in (f, m)]
+        print(f'| {sigma:g} | {e[:, 0].mean():.3f} | {f[:, 0].mean():.3f} | {err[0]:.2f} | {err[1]:.2f} | '
+              f'{log_r.exp().mean():.2f} |')
 
 def frames(out):   # [(kimg, samples (4000, 2))] of a run, in order
     files = sorted(f for f in os.listdir(os.path.join(out, 'frames')) if f.endswith('.npy'))

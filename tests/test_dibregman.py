@@ -350,3 +350,46 @@ def test_reward_beta_0_is_the_run_without_appendix_g(tmp_path, monkeypatch, toy_
     res = db.train(db.get_config(['--data', 'toy', '--h', 'lr', '--kimg', '0.256', '--batch', '128', '--eval-every', '1',
                                   '--out', str(tmp_path / 'r')]))
     assert res['step'] == 2
+
+def test_the_reward_weight_shares_the_main_weights_mean_and_the_loss_keeps_one_device():
+    """sample_weight(..., l_at): h''(r*) r* over the mean of h''(r) r of its group, so per sample w_star / w is
+    h''(r*) r* / (h''(r) r) (a wrong normaliser moves the zero of Eq. 35); and dibregman_loss makes no tensor of its own
+    on another device (checked on PyTorch's meta device, which refuses to mix with CPU tensors as CUDA does)."""
+    g = torch.Generator().manual_seed(0)
+    l, l_star = torch.randn(16, generator=g) * 2, torch.randn(16, generator=g) * 2
+    for h in ('lr', 'be', 'ls', 'sba'):
+        w, w_star = db.sample_weight(l, h, 3.0, 4), db.sample_weight(l, h, 3.0, 4, l_at=l_star)
+        ratio = (db.log_bregman_weight(l_star, h, 3.0) - db.log_bregman_weight(l, h, 3.0)).exp()
+        torch.testing.assert_close(w_star / w, ratio, rtol=1e-5, atol=0)
+    x, D_real, D_fake = (torch.empty(4, 3, 8, 8, device='meta') for _ in range(3))
+    w = torch.empty(4, device='meta')
+    assert db.dibregman_loss(x, D_real, D_fake, w).device.type == 'meta'
+    assert db.dibregman_loss(x, D_real, D_fake, w, torch.empty_like(x), torch.empty(4, device='meta')).device.type == 'meta'
+
+def test_loss_G_hands_the_reward_term_its_weight(tmp_path, monkeypatch, toy_teacher):
+    """One training step of --h lr --reward-beta 1: the loss gets the estimator's shift, and w_star =
+    sample_weight(l, 'lr', lam, 8, l_at=-log r*): the same logits and --weight-group as the main weight, at r* = e^{log
+    r*} of the estimator (so the sign of l_at is checked too)."""
+    seen, calls, real_tilt, real_loss, real_weight = {}, [], db.reward_tilt, db.dibregman_loss, db.sample_weight
+    def tilt_spy(*a, **k):
+        tilt = real_tilt(*a, **k)
+        def spy(x_t, sigma, c=None):
+            seen['log_r'], seen['shift'] = tilt(x_t, sigma, c)
+            return seen['log_r'], seen['shift']
+        return spy
+    def loss_spy(x, D_real, D_fake, w, shift=0.0, w_star=None):
+        seen.update(w=w, shift_in=shift, w_star=w_star)
+        return real_loss(x, D_real, D_fake, w, shift, w_star)
+    def weight_spy(l, h, lam=5.0, group=0, l_at=None):
+        calls.append((l, h, lam, group, l_at))
+        return real_weight(l, h, lam, group, l_at)
+    monkeypatch.setattr(db, 'reward_tilt', tilt_spy)
+    monkeypatch.setattr(db, 'dibregman_loss', loss_spy)
+    monkeypatch.setattr(db, 'sample_weight', weight_spy)
+    db.train(db.get_config(['--data', 'toy', '--h', 'lr', '--reward-beta', '1', '--kimg', '0.128', '--batch', '128',
+                            '--eval-every', '1', '--out', str(tmp_path / 'r')]))
+    (l, h, lam, group, l_at), (l2, h2, lam2, group2, none) = calls[-1], calls[-2]
+    assert seen['shift_in'] is seen['shift'] and (h, group, h2, group2) == ('lr', 8, 'lr', 8) and none is None
+    assert l is l2 and torch.equal(l_at, -seen['log_r'])
+    torch.testing.assert_close(seen['w_star'], real_weight(l, 'lr', lam, 8, -seen['log_r']), rtol=0, atol=0)
+    torch.testing.assert_close(seen['w'], real_weight(l, 'lr', lam, 8), rtol=0, atol=0)
