@@ -45,7 +45,8 @@ def main():
     try:
         mod.main(args)
     except Stop:
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()                                  # both ranks done with the group before either
+        torch.distributed.destroy_process_group()                    # tears it down (else gloo may abort at exit)
 
 if __name__ == '__main__':
     main()

@@ -69,17 +69,23 @@ def test_micro_batch_must_hold_whole_weight_groups(capsys):
         dibregman.get_config(['--data', 'toy', '--batch-gpu', '12'])
     assert 'must be multiples of --weight-group 8' in capsys.readouterr().err
 
-def torchrun(*args, timeout=300, **kw):
+def torchrun(*args, timeout=300, retry=False, **kw):
+    """Runs args under torchrun with 2 ranks. retry: a run whose gloo rank aborted ("terminate called without an active
+    exception": seen in about 2 of 100 'grads' runs while another test suite shared the 2 cores, none in 30 alone) is
+    made once more; for runs that can be repeated as they are."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONFAULTHANDLER='1')        # a crash prints its Python stack
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    if retry and r.returncode and 'terminate called without an active exception' in r.stderr:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    return r
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_two_ranks_average_the_gradient_of_both_ranks_samples(script, tmp_path, monkeypatch, toy_teacher):
     """Under torchrun with 2 gloo ranks, each rank draws its own samples, and the gradient every update applies is the
     gradient one process computes on the union of both ranks' samples (batch 64 = 2 x 32)."""
     args = [*TOY, '--out', str(tmp_path / 'r'), *GROUPS.get(script, [])]
-    r = torchrun('tests/ddp_worker.py', 'grads', script, tmp_path / 'calls', *args)
+    r = torchrun('tests/ddp_worker.py', 'grads', script, tmp_path / 'calls', *args, retry=True)
     assert r.returncode == 0, f'the two ranks did not run: {r.stderr[-3000:]}'
     ranks = [torch.load(f'{tmp_path / "calls"}.{k}', weights_only=False) for k in (0, 1)]
     assert not torch.equal(ranks[0][0]['batch'][0], ranks[1][0]['batch'][0])            # each rank its own noise
