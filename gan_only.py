@@ -305,9 +305,10 @@ def download(url, dst):   # with a progress bar, through a temp file and a renam
 _Stub = argparse.Namespace   # stands in for the official pickle's classes: keeps their name and state, runs nothing
 
 class _SafeUnpickler(pickle.Unpickler):
-    """EDM's network pickles without dnnlib and torch_utils: persistent objects (whose stored source EDM would exec())
-    become _Stubs, tensors come from torch's weights-only loader, and any other global is refused."""
-    ALLOWED = {('collections', 'OrderedDict'): collections.OrderedDict,
+    """EDM's network pickles without dnnlib and torch_utils, and CIFAR-10's batches: persistent objects (whose stored
+    source EDM would exec()) become _Stubs, tensors come from torch's weights-only loader, numpy arrays are rebuilt
+    from their bytes, and any other global (a function that unpickling would call) is refused."""
+    ALLOWED = {('collections', 'OrderedDict'): collections.OrderedDict, ('numpy', 'ndarray'): np.ndarray,
                ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
                ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
                ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True),
@@ -315,12 +316,23 @@ class _SafeUnpickler(pickle.Unpickler):
                    lambda m: _Stub(class_name=m['class_name'], **m['state']),
                **{(m, 'scalar'): lambda dtype, b: np.frombuffer(b, dtype)[0] for m in ('numpy.core.multiarray',
                                                                                          'numpy._core.multiarray')},
-               ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype, ('builtins', 'set'): set}
+               **{(m, '_reconstruct'): np.ndarray.__new__ for m in ('numpy.core.multiarray', 'numpy._core.multiarray')},
+               ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype, ('builtins', 'set'): set,
+               ('_codecs', 'encode'): lambda s, encoding: s.encode(encoding)}           # bytes in protocol 2
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED: return self.ALLOWED[module, name]
         if module.startswith('torch.nn.modules.'): return _Stub                # ModuleDict and co.
         if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype): return getattr(torch, name)
         raise pickle.UnpicklingError(f'refusing to load global {module}.{name}')
+
+def load_data(path, **kwargs):   # a checkpoint (.pt, torch's weights-only loader) or a pickle: any code in it is refused
+    try:
+        if path.endswith('.pt'): return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
+        with open(path, 'rb') as f:
+            return _SafeUnpickler(f, **kwargs).load()
+    except pickle.UnpicklingError:
+        raise SystemExit(f'error: {path} holds more than tensors, arrays, numbers and strings: a pickled call, which '
+                         'could run code; refusing to load it')
 
 def _stub_state_dict(stub, prefix=''):   # the state_dict of a module that was unpickled into _Stubs
     tensors = {**getattr(stub, '_parameters', {}), **getattr(stub, '_buffers', {})}
@@ -480,7 +492,7 @@ def load_cifar10(root):
             raise SystemExit(f'error: could not download CIFAR-10 ({e}). Put {CIFAR_URL} into {root} '
                              f'(it is extracted to {folder})')
     files = [os.path.join(folder, f'data_batch_{i}') for i in range(1, 6)]
-    batches = [np.load(f, allow_pickle=True, encoding='latin1') for f in files]               # pickled dicts
+    batches = [load_data(f, encoding='latin1') for f in files]            # pickled dicts of numpy arrays and lists
     x = np.concatenate([np.asarray(b['data'], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
     return torch.from_numpy(x), torch.tensor([y for b in batches for y in b['labels']])
 
@@ -604,7 +616,7 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
     path = os.path.join(cfg.out, 'ckpt.pt')
     if not (cfg.resume or cfg.eval_only): return cfg
     if not os.path.exists(path): raise SystemExit(f'error: no checkpoint {path} to --resume or --eval-only')
-    saved = torch.load(path, map_location='cpu', weights_only=False, mmap=True)['cfg']   # reads the settings alone
+    saved = load_data(path, mmap=True)['cfg']                            # reads the settings alone
     if saved.get('script') != cfg.script: raise SystemExit(f"error: {path} was written by {saved.get('script')}.py")
     given = {k: v for k, v in vars(cfg).items() if k in RESUMABLE and v is not None}   # what this command may change
     if cfg.eval_only: return argparse.Namespace(**{**saved, **given})   # the checkpoint's world, this evaluation
@@ -636,6 +648,9 @@ class World:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != 'fp32'
         if cfg.world_size > 1 and not torch.distributed.is_initialized():   # NCCL on GPUs, gloo on CPUs
+            # torch._dynamo (torch.optim imports it) imported after the group keeps it alive past destroy_process_group:
+            # a gloo thread then frees its last collective during Python's exit, needs the GIL, and aborts (SIGABRT)
+            from torch import _dynamo  # noqa: F401
             backend = 'nccl' if self.device.type == 'cuda' else 'gloo'
             torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=1))
         torch.manual_seed(cfg.seed)                                     # a random teacher is the same on every rank
@@ -744,7 +759,7 @@ RESUMABLE = ('resume', 'eval_only', 'kimg', 'eval_every', 'log_every', 'fid_samp
 
 def load_checkpoint(cfg, world, nets, opts, path):
     """--resume, --eval-only: restores nets, optimizers (with this run's learning rates), the RNG; returns the step."""
-    ck = torch.load(path, map_location='cpu', weights_only=False)
+    ck = load_data(path)
     diff = ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in ck['cfg'].items()
                      if k not in RESUMABLE and not k.startswith('lr') and vars(cfg).get(k) != v)
     if diff: raise SystemExit(f'error: --resume: {path} was trained with {diff}; pass the same, or another --out')
@@ -829,7 +844,7 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
         raise SystemExit(f'error: out of GPU memory at --batch-gpu {cfg.batch_gpu}; pass a smaller --batch-gpu '
                          '(the update stays the same, in more passes)')
     finally:
-        if cfg.world_size > 1: torch.distributed.destroy_process_group()   # before exit, or its threads abort
+        if cfg.world_size > 1: torch.distributed.destroy_process_group()   # joins gloo's threads before Python exits
     bar.close()
     return dict(step=step, nets=nets)
 

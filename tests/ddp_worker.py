@@ -5,6 +5,8 @@
 MODE 'grads': the updates of the first training step (the optimizer steps skipped, so that every update sees the
 starting weights; the teacher perturbed as test_distributed.first_step perturbs it) save, per rank, its per-sample inputs and the gradients after the
 all-reduce to OUT_FILE.<rank>, then the run stops. MODE 'nan': rank 1 alone reports NaN losses from its 5th update on.
+MODE 'exit': the script runs as it is. In 'nan' and 'exit' each rank prints, once main() has returned or raised,
+how many of gloo's threads are left (0: the process group was torn down, so none can abort the exit).
 """
 import importlib, os, sys
 import torch
@@ -46,7 +48,11 @@ def main():
         mod.main(args)
     except Stop:
         torch.distributed.barrier()                                  # both ranks done with the group before either
-        torch.distributed.destroy_process_group()                    # tears it down (else gloo may abort at exit)
+        torch.distributed.destroy_process_group()                    # tears it down (fit's own teardown was skipped)
+    finally:
+        if mode != 'grads':
+            names = [open(f'/proc/self/task/{t}/comm').read() for t in os.listdir('/proc/self/task')]
+            print(f"rank {rank}: gloo threads left: {sum('gloo' in n for n in names)}", flush=True)
 
 if __name__ == '__main__':
     main()

@@ -6,7 +6,7 @@ import importlib, os, signal, subprocess, sys, time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, run
+from conftest import ROOT, SCRIPTS, make_fake_cifar, run
 
 FAULTS = [  # (fault, outcome, test that asserts it)
     ('SIGKILL during training, then `--resume`', 'finishes bit-identical (weights, samples, step) to an uninterrupted run',
@@ -34,6 +34,9 @@ FAULTS = [  # (fault, outcome, test that asserts it)
      'one-line error naming the file and what to do; nothing in the pickle is executed', 'test_edm.py::test_load_edm_errors_name_the_file'),
     ('offline: EDM checkpoint, Inception weights, CIFAR-10', 'one-line error naming the URL and where to put the file',
      'test_faults.py::test_offline_downloads_name_the_url_and_the_place'),
+    ('a checkpoint (`--resume`, `--eval-only`) or a CIFAR-10 batch file that holds a pickled program (someone else\'s run folder or data folder)',
+     'refused, one line naming the file; nothing in it runs: checkpoints load with `torch.load(weights_only=True)` (tensors, numbers, strings, lists, dicts), CIFAR-10 batches through the restricted unpickler (numpy arrays, lists, dicts, strings)',
+     'test_faults.py::test_files_that_would_run_code_are_refused'),
 ]
 
 def fault_table():
@@ -151,6 +154,41 @@ def test_offline_downloads_name_the_url_and_the_place(tmp_path, monkeypatch):
     monkeypatch.setattr(tvu, 'download_and_extract_archive', offline)
     with pytest.raises(SystemExit, match=r'cifar-10-python.tar.gz into ' + str(tmp_path)):
         dmd.load_cifar10(str(tmp_path))
+
+class Payload:   # unpickling it would create the file `path`: the test checks that it never exists
+    def __init__(self, path): self.path = str(path)
+    def __reduce__(self): return (open, (self.path, 'w'))
+
+def test_files_that_would_run_code_are_refused(tmp_path):
+    """A ckpt.pt whose settings hold a pickled call, read by --eval-only and --resume as a user would, and one whose
+    weights do; a CIFAR-10 batch file with one: each refused in one line that names the file, and the call never runs.
+    CIFAR-10's own batches (python 2 pickles naming numpy.core.multiarray) still load."""
+    import pickle, dmd
+    ran = tmp_path / 'the payload ran'
+    out = tmp_path / 'run'
+    out.mkdir()
+    torch.save(dict(cfg=dict(script='dmd', data='toy', note=Payload(ran)), step=1), out / 'ckpt.pt')
+    for flag in ('--eval-only', '--resume'):
+        r = run('dmd', '--data', 'toy', '--out', out, flag)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith(f'error: {out / "ckpt.pt"} holds more than') and \
+            'Traceback' not in r.stderr, r.stderr[-2000:]
+    torch.save(dict(nets=dict(G=Payload(ran))), tmp_path / 'weights.pt')
+    with pytest.raises(SystemExit, match='weights.pt holds more than tensors'):
+        dmd.load_data(str(tmp_path / 'weights.pt'))
+    root = make_fake_cifar(tmp_path / 'data', n_per_batch=4)
+    batch = os.path.join(root, 'cifar-10-batches-py', 'data_batch_1')
+    with open(batch, 'rb') as f:
+        good = pickle.load(f)
+    with open(batch, 'wb') as f:                                        # the layout of CIFAR-10's python 2 pickles
+        f.write(pickle.dumps(good, protocol=2).replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+    images, labels = dmd.load_cifar10(root)
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8 and labels[:4].tolist() == good['labels']
+    with open(os.path.join(root, 'cifar-10-batches-py', 'data_batch_3'), 'wb') as f:
+        pickle.dump(dict(data=good['data'], labels=[Payload(ran)]), f)
+    with pytest.raises(SystemExit, match=r'data_batch_3 holds more than tensors, arrays, numbers and strings'):
+        dmd.load_cifar10(root)
+    assert not ran.exists()
 
 if __name__ == '__main__':
     print(fault_table())
