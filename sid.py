@@ -10,6 +10,7 @@ Generation", ICML 2024, arXiv 2404.04057; code github.com/mingyuanzhou/SiD; sect
 "Distilled Diffusion Models" (2024-07-03; README, "Sources").
 
     python sid.py --data toy                        # 2-D mixture on a CPU, a few minutes
+    python sid.py --data digits                     # 8x8 handwritten digits on a CPU, about 3 minutes
     python sid.py                                   # CIFAR-10 uncond on one H100 (--cond: conditional)
     python sid.py --alpha 1.0                       # the paper's other alpha
 Expected: toy mode_tv < 0.05, precision > 0.7 (tests); CIFAR-10: the paper reports FID 1.923 uncond / 1.710 cond
@@ -26,11 +27,16 @@ weight for x_phi, per-sample sums, the generator loss times 100, augmentation p 
 of the notes flips the first term's sign; we use its Eq. (81)-(82) and the official code's, which alone moves theta to
 the data (tests); EDM's pipe resamples through a 2x wavelet upsampling, ours bilinearly with reflection padding; G and
 x_phi stay in eval mode (official: dropout 0.13); no EMA ramp-up (official: half-life <= 0.05 x images seen); NaN
-stops the run; the default precision is bf16 autocast (official: fp32, TF32 off: --precision fp32).
+stops the run; the default precision is bf16 autocast (official: fp32, TF32 off: --precision fp32). Digits: batch 64,
+lr 1e-4, 25.6 kimg, EMA 2.5 kimg; no augmentation (the digits teacher has no augmentation labels, and digits are not
+mirror-symmetric).
 """
 import argparse, collections, copy, datetime, functools, inspect, io, json, math, os, pickle, resource, signal, time
+import warnings
 import numpy as np
 import torch
+import torch._dynamo   # imported after init_process_group (torch.optim would), it keeps the group alive past
+                       # destroy_process_group: gloo's threads then outlive Python and abort as it exits
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -41,7 +47,9 @@ from tqdm import tqdm
 DEFAULTS = {'cifar10': dict(kimg=20000, batch=256, batch_gpu=64, lr=1e-5, ema_kimg=500, eval_every=1000, log_every=100,
                             ckpt=1, augment=0.12),
             'toy': dict(kimg=600, batch=512, batch_gpu=512, lr=3e-4, ema_kimg=5, eval_every=30, log_every=200, ckpt=0,
-                        augment=0.0)}
+                        augment=0.0),
+            'digits': dict(kimg=25.6, batch=64, batch_gpu=64, lr=1e-4, ema_kimg=2.5, eval_every=2.56, log_every=50,
+                           ckpt=0, augment=0.0)}
 
 def get_config(argv=None):
     p = parser(__file__, 'Score identity Distillation (SiD) of an EDM teacher.')
@@ -54,7 +62,7 @@ def get_config(argv=None):
     A('--ckpt', type=int, choices=[0, 1], help="1: recompute the generator step's teacher and fake passes in backward")
     A('--lr-fake', type=pos_float, help='fake-denoiser learning rate (default: --lr)')
     cfg = finish_config(p, argv, DEFAULTS)
-    if cfg.augment and cfg.data == 'toy': p.error('--augment needs images: --data cifar10')
+    if cfg.augment and cfg.data != 'cifar10': p.error('--augment needs --data cifar10 (its teacher knows the labels)')
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -158,7 +166,7 @@ def train(cfg, extract=None):
 def main(argv=None):
     train(get_config(argv))
 
-# ==== Everything below is identical in all five scripts: EDM network, EDM teacher, toy world, evaluation, run plumbing
+# ==== Everything below is identical in all five scripts: EDM network and teacher, small worlds, evaluation, plumbing
 
 # === BEGIN SHARED: EDM network ===
 # DDPM++ SongUNet and the preconditioning of EDM (Karras et al., NeurIPS 2022, arXiv 2206.00364), written anew with
@@ -283,8 +291,7 @@ class EDMPrecond(nn.Module):
 # === END SHARED: EDM network ===
 
 # === BEGIN SHARED: EDM teacher ===
-# load_edm(source): the official pickle (a URL or a file), read without EDM's code; then the noise levels, the
-# one-step generator and the denoising loss that the methods share.
+# load_edm: the official pickle, read without EDM's code; noise levels, one-step generator, loss, sampler, training.
 
 EDM_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
 EDM_UNCOND, EDM_COND = EDM_URL + 'edm-cifar10-32x32-uncond-vp.pkl', EDM_URL + 'edm-cifar10-32x32-cond-vp.pkl'
@@ -306,18 +313,16 @@ def download(url, dst):   # with a progress bar, through a temp file and a renam
 _Stub = argparse.Namespace   # stands in for the official pickle's classes: keeps their name and state, runs nothing
 
 class _SafeUnpickler(pickle.Unpickler):
-    """EDM's network pickles without dnnlib and torch_utils, and CIFAR-10's batches: persistent objects (whose stored
-    source EDM would exec()) become _Stubs, tensors come from torch's weights-only loader, numpy arrays are rebuilt
-    from their bytes, and any other global (a function that unpickling would call) is refused."""
+    """EDM's pickles without dnnlib and torch_utils, CIFAR-10's batches: EDM's persistent objects (whose source EDM
+    would exec()) become _Stubs, tensors and arrays are rebuilt from bytes, and any other global is refused."""
     ALLOWED = {('collections', 'OrderedDict'): collections.OrderedDict, ('numpy', 'ndarray'): np.ndarray,
                ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
                ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
                ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True),
                ('torch_utils.persistence', '_reconstruct_persistent_obj'):
                    lambda m: _Stub(class_name=m['class_name'], **m['state']),
-               **{(m, 'scalar'): lambda dtype, b: np.frombuffer(b, dtype)[0] for m in ('numpy.core.multiarray',
-                                                                                         'numpy._core.multiarray')},
-               **{(m, '_reconstruct'): np.ndarray.__new__ for m in ('numpy.core.multiarray', 'numpy._core.multiarray')},
+               **{(m, f): v for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for f, v in
+                  (('scalar', lambda dtype, b: np.frombuffer(b, dtype)[0]), ('_reconstruct', np.ndarray.__new__))},
                ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype, ('builtins', 'set'): set,
                ('_codecs', 'encode'): lambda s, encoding: s.encode(encoding)}           # bytes in protocol 2
     def find_class(self, module, name):
@@ -326,14 +331,15 @@ class _SafeUnpickler(pickle.Unpickler):
         if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype): return getattr(torch, name)
         raise pickle.UnpicklingError(f'refusing to load global {module}.{name}')
 
-def load_data(path, **kwargs):   # a checkpoint (.pt, torch's weights-only loader) or a pickle: any code in it is refused
+def load_data(path, **kwargs):   # a checkpoint (.pt: torch's weights-only loader) or a pickle; code in it is refused
     try:
         if path.endswith('.pt'): return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
         with open(path, 'rb') as f:
             return _SafeUnpickler(f, **kwargs).load()
-    except pickle.UnpicklingError:
-        raise SystemExit(f'error: {path} holds more than tensors, arrays, numbers and strings: a pickled call, which '
-                         'could run code; refusing to load it')
+    except pickle.UnpicklingError as e:                         # a global (a call, which could run code), a cut file
+        words = str(e).split()                                  # torch's long text names the global after GLOBAL
+        why = f"it names the global {words[words.index('GLOBAL') + 1]}" if 'GLOBAL' in words else str(e).splitlines()[0]
+        raise SystemExit(f'error: {path} is refused, {why}: a file that runs code is never loaded here')
 
 def _stub_state_dict(stub, prefix=''):   # the state_dict of a module that was unpickled into _Stubs
     tensors = {**getattr(stub, '_parameters', {}), **getattr(stub, '_buffers', {})}
@@ -350,8 +356,7 @@ def load_edm(source, device='cpu'):
         raise SystemExit(f'error: teacher file {source} not found; pass a URL or an EDM .pkl (official: {EDM_UNCOND})')
     try:
         with open(source, 'rb') as f:
-            data = _SafeUnpickler(f).load()
-        ema = data['ema']                                                            # EDM's network pickle entry
+            ema = _SafeUnpickler(f).load()['ema']                                    # EDM's network pickle entry
         if not (isinstance(ema, _Stub) and ema.class_name == 'EDMPrecond'):
             raise ValueError(f"'ema' is {getattr(ema, 'class_name', type(ema).__name__)}, not an EDMPrecond")
         init = getattr(ema._modules['model'], '_init_kwargs', {})          # not DDPM++: strict loading names the keys
@@ -378,11 +383,42 @@ def edm_loss(net, x, sigma, n, class_labels=None, augment_labels=None):   # EDM'
     D = net(x + sigma * n, sigma, class_labels, augment_labels=augment_labels)
     lam = (sigma ** 2 + net.sigma_data ** 2) / (sigma * net.sigma_data) ** 2
     return (lam * (D - x) ** 2).mean()
+
+@torch.no_grad()
+def heun_sample(net, z, class_labels=None, steps=18):
+    """EDM Algorithm 2: the deterministic Heun sampler, 2 steps - 1 network evaluations (35 at 18 steps)."""
+    t = F.pad(karras(torch.arange(steps, dtype=torch.float64) / (steps - 1)), (0, 1)).to(z.device)   # t_N = 0
+    x = z.to(torch.float64) * t[0]
+    for i in range(steps):
+        d = (x - net(x, t[i], class_labels).to(torch.float64)) / t[i]           # dx/dt = (x - D(x; t)) / t
+        x_next = x + (t[i + 1] - t[i]) * d
+        if t[i + 1] > 0:                                                         # the 2nd-order correction
+            d2 = (x_next - net(x_next, t[i + 1], class_labels).to(torch.float64)) / t[i + 1]
+            x_next = x + (t[i + 1] - t[i]) * (d + d2) / 2
+        x = x_next
+    return x.float()
+
+def train_teacher(net, sample, path, steps, batch, what):
+    """A teacher trained here (toy, digits) by edm_loss at EDM's lognormal sigma on sample(batch); cached at path."""
+    if not os.path.exists(path):
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+        for _ in tqdm(range(steps), desc=f'training the {what} (once, cached)', leave=False):
+            sigma = (torch.randn(batch) * 1.2 - 1.2).exp()                      # EDM: ln sigma ~ N(-1.2, 1.2^2)
+            x, c = sample(batch)
+            loss = edm_loss(net, x, sigma, torch.randn_like(x), c)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        atomic_save({'state_dict': net.state_dict()}, path)
+    net.load_state_dict(torch.load(path, weights_only=True)['state_dict'])
+    return net.eval().requires_grad_(False)
 # === END SHARED: EDM teacher ===
 
-# === BEGIN SHARED: toy world ===
-# A 2-D Gaussian mixture with an exact (noisy) density: the CPU teaching mode and the tests' ground truth. Its teacher
-# is a small MLP with EDM's preconditioning, trained by edm_loss and cached: methods start from a teacher, as on CIFAR.
+# === BEGIN SHARED: small worlds ===
+# On a CPU, each with a teacher trained here: a 2-D Gaussian mixture with an exact (noisy) density, the tests' ground
+# truth, and real 8x8 images; methods start from a teacher, as on CIFAR-10.
 
 class GaussianMixture2D:   # k Gaussians of std `std` on a circle of radius `radius`, weighted 1 : 2 : ... : k
     def __init__(self, k=8, radius=2.0, std=0.1, tilt=0.0):
@@ -428,27 +464,12 @@ class ToyDenoiser(nn.Module):
         D_x = c_skip * x + c_out * self.out(h)
         return (D_x, h) if return_features else D_x
 
-def toy_teacher(steps=3000, batch=1024, seed=0):
-    """The toy teacher: ToyDenoiser trained with edm_loss at EDM's lognormal sigma; cached on disk."""
+def toy_teacher(steps=3000, batch=1024, seed=0):   # ToyDenoiser trained by train_teacher
+    torch.manual_seed(seed)
+    mixture = GaussianMixture2D()
     path = os.path.join(cache_dir(), f'toy_teacher_v2_{steps}_{seed}.pt')
-    world = GaussianMixture2D()
-    if not os.path.exists(path):
-        torch.manual_seed(seed)
-        net = ToyDenoiser(world.sigma_data)
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
-        for _ in tqdm(range(steps), desc='training the toy teacher (once, cached)', leave=False):
-            sigma = (torch.randn(batch) * 1.2 - 1.2).exp()                      # EDM: ln sigma ~ N(-1.2, 1.2^2)
-            x = world.sample(batch)
-            loss = edm_loss(net, x, sigma, torch.randn_like(x))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        atomic_save({'state_dict': net.state_dict()}, path)
-    net = ToyDenoiser(world.sigma_data)
-    net.load_state_dict(torch.load(path, weights_only=True)['state_dict'])
-    return net.eval().requires_grad_(False)
+    return train_teacher(ToyDenoiser(mixture.sigma_data), lambda n: (mixture.sample(n), None), path, steps, batch,
+                         'toy teacher')
 
 def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of the mixture's exact density, and metrics
     xx, yy = torch.meshgrid(torch.linspace(-3, 3, 200), torch.linspace(-3, 3, 200), indexing='xy')
@@ -461,8 +482,7 @@ def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of t
     ax.set_title(f"{title}, {len(x)} samples\nmode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}", fontsize=9)
 
 def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
-    """toy_samples<tag>.png: the final samples x (N, 2); toy_training.gif (gif): the frames in out/frames, one-step
-    samples of the same noise (4000 each) through training."""
+    """toy_samples<tag>.png: the final samples x (N, 2); toy_training.gif (gif): out/frames, 4000 samples each."""
     from matplotlib.animation import FuncAnimation
     from matplotlib.figure import Figure                                # no pyplot: files only, no screen
     ax = Figure(figsize=(4, 4)).subplots()
@@ -474,7 +494,53 @@ def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
     if gif: FuncAnimation(fig, frame, len(files)).save(os.path.join(out, 'toy_training.gif'), 'pillow', fps=4, dpi=80)
     draw_toy(ax, mixture, x, f'{title}, kimg {kimg:g}')
     fig.savefig(os.path.join(out, f'toy_samples{tag}.png'), dpi=120, bbox_inches='tight')
-# === END SHARED: toy world ===
+
+# scikit-learn's handwritten digits (1,797 8x8 images, 10 classes; the UCI set, CC BY 4.0, inside its wheel)
+DIGITS_UNET = dict(img_resolution=8, in_channels=1, out_channels=1, augment_dim=0, model_channels=32,
+                   channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0)       # 0.7M parameters
+
+def load_digits():   # uint8 (1797, 1, 8, 8), the 17 grey levels 0..16 spread over 0..255, and the int64 labels
+    from sklearn.datasets import load_digits as sklearn_digits
+    d = sklearn_digits()
+    return torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:, None], torch.from_numpy(d.target)
+
+def digits_teacher(cond=False, steps=2000, seed=0):   # EDMPrecond at DIGITS_UNET, trained by train_teacher
+    torch.manual_seed(seed)
+    x, y = load_digits()
+    def sample(n):
+        i = torch.randint(len(x), (n,))
+        return x[i].float() / 127.5 - 1, F.one_hot(y[i], 10).float() if cond else None
+    path = os.path.join(cache_dir(), f"digits_teacher_{'cond' if cond else 'uncond'}_{steps}_{seed}.pt")
+    return train_teacher(EDMPrecond(label_dim=10 * cond, **DIGITS_UNET), sample, path, steps, 128, "digits teacher")
+
+def frechet(a, b):   # the Frechet distance between Gaussians fitted to two sets of features (N, D)
+    from cleanfid.fid import frechet_distance
+    with warnings.catch_warnings(action='ignore'):              # sqrtm of a blur's singular covariance warns
+        return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+
+class DigitsJudge:
+    """The judge: scikit-learn's MLP of the pixels (64 hidden units), fit in a second on 1,500 digits (the other 297
+    give its accuracy). metrics() of uint8 images (N, 1, 8, 8): class_tv, the total variation of the predicted class
+    frequencies from the data's; confident, the share classified with probability >= 0.9; fd_data, fd_teacher, the
+    Frechet distance of the hidden features to the data's and the reference's (the teacher's Heun samples); with
+    labels (--cond), label_acc, the share classified as labelled."""
+    def __init__(self, images, labels):
+        from sklearn.neural_network import MLPClassifier
+        x, y, i = images.flatten(1).numpy() / 127.5 - 1, labels.numpy(), np.random.default_rng(0).permutation(1797)
+        self.mlp = MLPClassifier((64,), alpha=1e-2, max_iter=500, random_state=0).fit(x[i[:1500]], y[i[:1500]])
+        self.accuracy, self.data_freq = self.mlp.score(x[i[1500:]], y[i[1500:]]), np.bincount(y, minlength=10) / len(y)
+        self.data_features = self.features(images)[0]
+    def features(self, images):   # (hidden features (N, 64), class probabilities (N, 10))
+        x = images.cpu().flatten(1).numpy() / 127.5 - 1
+        return np.maximum(x @ self.mlp.coefs_[0] + self.mlp.intercepts_[0], 0), self.mlp.predict_proba(x)
+    def metrics(self, images, labels=None, reference=None):
+        h, p = self.features(images)
+        m = dict(class_tv=0.5 * np.abs(np.bincount(p.argmax(1), minlength=10) / len(p) - self.data_freq).sum(),
+                 confident=(p.max(1) >= 0.9).mean(), fd_data=frechet(h, self.data_features))
+        if reference is not None: m['fd_teacher'] = frechet(h, self.features(reference)[0])
+        if labels is not None: m['label_acc'] = (p.argmax(1) == labels.cpu().numpy()).mean()
+        return {k: float(v) for k, v in m.items()}
+# === END SHARED: small worlds ===
 
 # === BEGIN SHARED: data and evaluation ===
 # CIFAR-10 as one uint8 tensor on the device; LPIPS; FID in clean-fid's 'legacy_tensorflow' and 'clean' modes.
@@ -548,8 +614,7 @@ def fid(sample_batches, extract, ref_path, real_batches):
 # === END SHARED: data and evaluation ===
 
 # === BEGIN SHARED: run plumbing ===
-# Flags, device and precision, EMA, checkpoints, and fit(): the loop of every method (logging, a stop on NaN,
-# evaluation, exact --resume, --bench), to which a method hands its networks, optimizers, step and one-step sampler.
+# Flags, device, EMA, checkpoints, and fit(): the loop (logs, NaN stop, evaluation, --resume, --bench) of every method.
 
 def number(cast, ok, what):   # an argparse type: cast(s), finite and ok, else an error saying it must be `what`
     def numeric(s):
@@ -572,9 +637,9 @@ def device(s):   # an argparse type: a device that torch knows and this machine 
 def parser(file, description):   # the script's argument parser, with the shared flags
     p = argparse.ArgumentParser(prog=os.path.basename(file), description=description)
     A = p.add_argument_group('run (the same in every script)').add_argument
-    A('--data', choices=['cifar10', 'toy'], default='cifar10', help='CIFAR-10 on a GPU, or the 2-D toy world on a CPU')
-    A('--teacher', help="EDM teacher: a URL, an official .pkl or 'random' (default: EDM's own; toy: the toy teacher)")
-    A('--cond', action='store_true', help='class-conditional CIFAR-10 teacher and generator')
+    A('--data', choices=['cifar10', 'digits', 'toy'], default='cifar10', help='CIFAR-10 (GPU), 8x8 digits, 2-D (CPU)')
+    A('--teacher', help="EDM teacher: a URL, an official .pkl or 'random' (default: EDM's own; toy, digits: made here)")
+    A('--cond', action='store_true', help='class-conditional teacher and generator (CIFAR-10, digits)')
     A('--out', help='run directory (default runs/<script>-<data>)')
     A('--kimg', type=pos_float, help='training length, thousands of generator images')
     A('--batch', type=pos_int, help='batch size of one update, over all GPUs')
@@ -599,8 +664,8 @@ def parser(file, description):   # the script's argument parser, with the shared
 def finish_config(p, argv, defaults):   # parses argv and fills what the user left unset from defaults[--data]
     for a in p._actions:                                                # --help shows the defaults (of both worlds)
         if a.dest in defaults['cifar10']:
-            cifar, toy = defaults['cifar10'][a.dest], defaults['toy'][a.dest]
-            a.default, a.help = argparse.SUPPRESS, f'{a.help} (CIFAR-10: {cifar}, toy: {toy})'
+            a.default = argparse.SUPPRESS
+            a.help += ' (' + ', '.join(f'{world}: {d[a.dest]}' for world, d in defaults.items()) + ')'
         elif a.default not in (None, argparse.SUPPRESS) and a.default is not False: a.help += f' (default: {a.default})'
     cfg = p.parse_args(argv)
     for k, v in defaults[cfg.data].items():
@@ -608,9 +673,9 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
     cfg.world_size = int(os.environ.get('WORLD_SIZE', 1))                # processes under torchrun
     if cfg.batch % cfg.world_size: p.error(f'--batch {cfg.batch} does not split evenly over {cfg.world_size} GPUs')
     cfg.batch_gpu = min(cfg.batch_gpu, cfg.batch // cfg.world_size)
-    if cfg.data == 'toy' and cfg.cond: p.error('--cond needs --data cifar10')
-    default_teacher = 'toy' if cfg.data == 'toy' else 'random' if cfg.bench else EDM_COND if cfg.cond else EDM_UNCOND
-    cfg.teacher = cfg.teacher or default_teacher
+    if cfg.data == 'toy' and cfg.cond: p.error('--cond needs images: --data cifar10 or digits')
+    cifar_teacher = 'random' if cfg.bench else EDM_COND if cfg.cond else EDM_UNCOND
+    cfg.teacher = cfg.teacher or (cifar_teacher if cfg.data == 'cifar10' else cfg.data)   # toy, digits: trained here
     cfg.script = os.path.splitext(os.path.basename(p.prog))[0]
     cfg.out = cfg.out or os.path.join('runs', f'{cfg.script}-{cfg.data}')
     if os.path.isfile(cfg.out): p.error(f'--out {cfg.out} is a file; name a folder for the run')
@@ -633,8 +698,7 @@ def atomic_save(obj, path):   # through a temp file and a rename: a crash mid-wr
     os.replace(path + '.tmp', path)
 
 class World:
-    """Where and on what a run trains: this process (device, precision, rank under torchrun), the teacher, real data
-    (CIFAR-10 or the mixture), the generator's noise, one optimizer update in micro-batches, and evaluation."""
+    """This process (device, precision, rank under torchrun), the teacher, data, noise, one update, evaluation."""
     def __init__(self, cfg, extract=None):
         self.cfg, self.extract = cfg, extract
         self.rank, self.batch = int(os.environ.get('RANK', 0)), cfg.batch // cfg.world_size   # this process's share
@@ -649,24 +713,27 @@ class World:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != 'fp32'
         if cfg.world_size > 1 and not torch.distributed.is_initialized():   # NCCL on GPUs, gloo on CPUs
-            # torch._dynamo (torch.optim imports it) imported after the group keeps it alive past destroy_process_group:
-            # a gloo thread then frees its last collective during Python's exit, needs the GIL, and aborts (SIGABRT)
-            from torch import _dynamo  # noqa: F401
             backend = 'nccl' if self.device.type == 'cuda' else 'gloo'
             torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=1))
         torch.manual_seed(cfg.seed)                                     # a random teacher is the same on every rank
+        self.judge = self.reference = None                              # digits: the classifier, the teacher's samples
         if cfg.data == 'toy':
             self.teacher, self.mixture, self.shape = self.once(toy_teacher), GaussianMixture2D(), (2,)
             self.target = self.mixture                                  # what evaluation scores (a method may tilt it)
         else:
+            digits, self.shape = cfg.data == 'digits', (1, 8, 8) if cfg.data == 'digits' else (3, 32, 32)
             if cfg.teacher == 'random':
-                self.teacher = EDMPrecond(label_dim=10 * cfg.cond, model_channels=cfg.model_channels)
+                net = DIGITS_UNET if digits else dict(model_channels=cfg.model_channels)
+                self.teacher = EDMPrecond(label_dim=10 * cfg.cond, **net)
+            elif cfg.teacher == 'digits':
+                self.teacher = self.once(digits_teacher, cfg.cond)
             else:
                 self.teacher = self.once(load_edm, cfg.teacher)
-            self.shape = (3, 32, 32)
-            fake = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8), torch.randint(10, (1024,))   # --bench
-            x, y = fake if cfg.bench else self.once(load_cifar10, cfg.data_dir or cache_dir())
+            fake = torch.randint(0, 256, (1024, *self.shape), dtype=torch.uint8), torch.randint(10, (1024,))  # --bench
+            real = load_digits if digits else functools.partial(self.once, load_cifar10, cfg.data_dir or cache_dir())
+            x, y = fake if cfg.bench else real()
             self.images, self.labels = x.to(self.device), y.to(self.device)   # held on the device: no data loader
+            if digits and self.rank == 0: self.judge = DigitsJudge(x, y)
         self.teacher = self.teacher.eval().requires_grad_(False).to(self.device)
         self.label_dim = self.teacher.label_dim
         torch.manual_seed(cfg.seed + 1000 * self.rank)                 # the training noise, each rank its own
@@ -698,11 +765,11 @@ class World:
         return logs
     def compiled(self, net):   # net for the training step: torch.compile'd with --compile
         return torch.compile(net) if self.cfg.compile else net
-    def real(self, n):   # n real samples and one-hot labels: the mixture's, or CIFAR-10 in [-1, 1] with x-flips
+    def real(self, n):   # n real samples and one-hot labels: the mixture's, or images in [-1, 1] (CIFAR-10: x-flips)
         if self.cfg.data == 'toy': return self.mixture.sample(n).to(self.device), None
         i = torch.randint(len(self.images), (n,), device=self.device)
         x = self.images[i].float() / 127.5 - 1
-        x = torch.where(torch.rand(n, 1, 1, 1, device=self.device) < 0.5, x.flip(3), x)
+        x = torch.where((torch.rand(n, 1, 1, 1, device=self.device) < 0.5) & (self.cfg.data == 'cifar10'), x.flip(3), x)
         return x, F.one_hot(self.labels[i], 10).float() if self.label_dim else None
     def randn(self, n, generator=None):   # n draws of N(0, I) in the data's shape
         return torch.randn(n, *self.shape, device=self.device, generator=generator)
@@ -712,16 +779,15 @@ class World:
         return z, F.one_hot(torch.randint(10, (n,), device=self.device, generator=generator), 10).float()
     @torch.no_grad()
     def evaluate(self, sampler, step, final=False):
-        """A row of metrics.jsonl, by rank 0 alone. Toy: exact metrics of 4000 one-step samples of fixed noise, a frame
-        of toy_training.gif; at the end (final), of 10k, saved. CIFAR-10: an 8x8 grid and the FID of --fid-samples
-        images; at the end, of --fid-final, saved as .npz. Own RNGs: the training RNG is untouched."""
+        """A row of metrics.jsonl, by rank 0 alone, from one-step samples of fixed noise (own RNGs: the training RNG
+        is untouched): the toy's exact metrics, the digits' judge, CIFAR-10's FID; a frame of the run's animation."""
         cfg, kimg = self.cfg, round(step * self.cfg.batch / 1000, 3)
         steps = getattr(cfg, 'sample_steps', 1)                        # consistency.py's multistep sampling
         tag = f'_{steps}step' if steps > 1 else ''
         if self.rank: return
         with self.autocast():
             metrics = self.evaluate_toy(sampler, kimg, final, tag) if cfg.data == 'toy' else \
-                self.evaluate_cifar(sampler, kimg, final, tag)
+                self.evaluate_images(sampler, kimg, final, tag)
         row = dict(kimg=kimg, step=step, sample_steps=steps, **metrics, final=final, eval_only=cfg.eval_only)
         print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
         tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
@@ -729,30 +795,45 @@ class World:
     def evaluate_toy(self, sampler, kimg, final, tag):   # frames/kimg<kimg>.npy; at the end toy_samples<tag>.npy, .png
         z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:10000 if final else 4000]
         x = sampler(z.to(self.device), None).cpu()
-        if not self.cfg.eval_only:
-            os.makedirs(os.path.join(self.cfg.out, 'frames'), exist_ok=True)
-            np.save(os.path.join(self.cfg.out, 'frames', f'kimg{kimg:010.3f}.npy'), x[:4000].numpy())
+        frame = os.path.join(self.cfg.out, 'frames', f'kimg{kimg:010.3f}.npy')
+        if not self.cfg.eval_only: np.save(frame, x[:4000].numpy())
         if final: np.save(os.path.join(self.cfg.out, f'toy_samples{tag}.npy'), x.numpy())
         if final: plot_toy(self.target, self.cfg.out, self.cfg.script + tag, x, kimg, tag, gif=not self.cfg.eval_only)
         return dict(samples=len(x), **self.target.metrics(x))
-    def evaluate_cifar(self, sampler, kimg, final, tag):   # samples<tag>.png; at the end samples_<kimg>kimg<tag>.npz
-        from torchvision.utils import save_image
-        g = torch.Generator(self.device).manual_seed(123)
-        save_image(to_uint8(sampler(*self.noise(64, g))) / 255, os.path.join(self.cfg.out, f'samples{tag}.png'))
-        n = self.cfg.fid_final if final else self.cfg.fid_samples
+    def evaluate_images(self, sampler, kimg, final, tag):
+        """samples<tag>.png, a frame of training.gif: one-step samples of fixed noise (digits: above the teacher's Heun
+        samples of that noise); FID (CIFAR-10) or the judge (digits) of --fid-samples (at the end --fid-final, .npz)."""
+        from torchvision.utils import make_grid, save_image
+        cfg, g = self.cfg, torch.Generator(self.device).manual_seed(123)
+        z, c = self.noise(2000 if self.judge else 64, g)
+        if self.judge and self.reference is None:                       # the distillation's target, made once
+            self.reference = to_uint8(heun_sample(self.teacher, z, c))
+        x = to_uint8(sampler(z[:64], None if c is None else c[:64]))
+        if self.judge: x = torch.cat([x, self.reference[:64]])         # 8 rows of samples, 8 of the teacher's below
+        grid = make_grid(F.interpolate(x, size=32), pad_value=255).float() / 255          # (C, H, W)
+        save_image(grid, os.path.join(cfg.out, f'samples{tag}.png'))
+        frames = os.path.join(cfg.out, 'frames')
+        if not cfg.eval_only: save_image(grid, os.path.join(frames, f'kimg{kimg:010.3f}.png'))
+        if final and not cfg.eval_only:                                 # training.gif: the grid through training
+            from PIL import Image
+            gif = [Image.open(os.path.join(frames, f)) for f in sorted(os.listdir(frames)) if f.endswith('.png')]
+            gif[0].save(os.path.join(cfg.out, 'training.gif'), save_all=True, append_images=gif[1:], duration=400)
+        n = cfg.fid_final if final else cfg.fid_samples
         if not n: return {}
         images, labels = [], []
-        for i in tqdm(range(0, n, 500), desc=f'{n} samples for FID', leave=False):
+        for i in tqdm(range(0, n, 500), desc=f'{n} samples to score', leave=False):
             z, c = self.noise(min(500, n - i), g)
             images.append(to_uint8(sampler(z, c)))
             labels.append(None if c is None else c.argmax(1).cpu())
-        if final:                                                       # the evaluator's format: uint8 N x 32 x 32 x 3
-            arrays = dict(arr_0=torch.cat(images).permute(0, 2, 3, 1).cpu().numpy())
-            if self.label_dim: arrays['arr_1'] = torch.cat(labels).numpy()          # and the class labels
-            np.savez(os.path.join(self.cfg.out, f'samples_{kimg:g}kimg{tag}.npz'), **arrays)
+        images, labels = torch.cat(images), torch.cat(labels) if self.label_dim else None
+        if final:                                                       # the evaluator's format: uint8 N x H x W x C
+            arrays = dict(arr_0=images.permute(0, 2, 3, 1).cpu().numpy())
+            if self.label_dim: arrays['arr_1'] = labels.numpy()                     # and the class labels
+            np.savez(os.path.join(cfg.out, f'samples_{kimg:g}kimg{tag}.npz'), **arrays)
+        if self.judge: return dict(samples=n, **self.judge.metrics(images, labels, self.reference))
         self.extract = self.extract or clean_fid_extractor(self.device)
-        ref = os.path.join(cache_dir() if self.cfg.data_dir is None else self.cfg.out, 'fid_ref_cifar10_{mode}.npz')
-        return dict(samples=n, **fid(images, self.extract, ref, lambda: self.images.split(500)))
+        ref = os.path.join(cache_dir() if cfg.data_dir is None else cfg.out, 'fid_ref_cifar10_{mode}.npz')
+        return dict(samples=n, **fid(images.split(500), self.extract, ref, lambda: self.images.split(500)))
 
 # Settings that --resume may change (and every --lr*); it refuses a checkpoint trained with any other that differs.
 RESUMABLE = ('resume', 'eval_only', 'kimg', 'eval_every', 'log_every', 'fid_samples', 'fid_final', 'data_dir', 'out',
@@ -803,8 +884,7 @@ def log_losses(cfg, world, step, names, pending, seconds):   # checks and prints
                                    f'{dt * 1000:.0f} ms/step  {cfg.batch / dt:.0f} img/s')
 
 def fit(cfg, world, nets, opts, step_fn, sampler):
-    """Trains until cfg.kimg. step_fn() runs one training step and returns a dict of scalar loss tensors; nets and
-    opts (dicts) are checkpointed; sampler(z, c) gives one-step samples for evaluation."""
+    """Trains to cfg.kimg: step_fn() -> {name: scalar loss}; nets, opts checkpointed; sampler(z, c) evaluated."""
     path = os.path.join(cfg.out, 'ckpt.pt')
     total = math.ceil(cfg.kimg * 1000 / cfg.batch)                      # training steps
     per_eval, step = max(round(cfg.eval_every * 1000 / cfg.batch), 1), 0
@@ -815,7 +895,7 @@ def fit(cfg, world, nets, opts, step_fn, sampler):
         if cfg.resume or cfg.eval_only: step = load_checkpoint(cfg, world, nets, opts, path)
         if cfg.eval_only: return world.evaluate(sampler, step, final=True)
         if step >= total: print(f'{cfg.out} is finished, at step {step} of {total}; a larger --kimg goes on')
-        if world.rank == 0: os.makedirs(cfg.out, exist_ok=True)
+        if world.rank == 0: os.makedirs(os.path.join(cfg.out, 'frames'), exist_ok=True)   # and the run folder
         if step == 0: world.evaluate(sampler, 0)                       # the generator as it starts: kimg 0
         signal.signal(signal.SIGTERM, signal.default_int_handler)      # pre-emption acts like Ctrl-C
         bar = tqdm(total=total, initial=step, unit='step', disable=world.rank > 0)

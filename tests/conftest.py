@@ -124,3 +124,21 @@ def vgg_weights(cache):
             torch.manual_seed(0)
             torch.save({'features.' + k: v for k, v in torchvision.models.vgg16().features.state_dict().items()}, path)
     return path
+
+DIGITS_TEACHER_STEPS = 300     # the tests' digits teacher: a short schedule (about a minute on one thread); users' has 2000
+
+@pytest.fixture(scope='session')
+def digits_teacher(cache):
+    """dmd.digits_teacher on the tests' short schedule, trained once under a file lock and cached."""
+    import dmd
+    with FileLock(os.path.join(cache, 'digits_teacher.lock')):
+        return dmd.digits_teacher(steps=DIGITS_TEACHER_STEPS)
+
+def digits_rows(script, out, monkeypatch, *args):
+    """Runs `script` on the digits in this process with the tests' teacher (`--data digits` and args, one thread) and
+    returns the rows of its metrics.jsonl."""
+    import functools, importlib, json
+    mod = importlib.import_module(script)
+    monkeypatch.setattr(mod, 'digits_teacher', functools.partial(mod.digits_teacher, steps=DIGITS_TEACHER_STEPS))
+    mod.train(mod.get_config(['--data', 'digits', '--out', str(out), '--device', 'cpu', *map(str, args)]))
+    return [json.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]

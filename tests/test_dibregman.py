@@ -194,7 +194,7 @@ def test_cifar10_defaults_are_the_papers_and_sidas(monkeypatch, tmp_path):
     assert (cfg.batch, cfg.lr, cfg.lr_fake, cfg.init_sigma, cfg.ema_kimg, cfg.precision, cfg.w_gan, cfg.h, cfg.lam) == \
         (256, 1e-5, None, 2.5, 500, 'fp32', 0, 'sba', 5)
     help_text = ' '.join(run('dibregman', '--help').stdout.split())
-    assert 'CIFAR-10: 256' in help_text and 'CIFAR-10: 2.5' in help_text and 'CIFAR-10: fp32' in help_text
+    assert 'cifar10: 256' in help_text and 'cifar10: 2.5' in help_text and 'cifar10: fp32' in help_text
     sigmas, real = [], db.edm_loss
     def spy(net, x, sigma, *a):
         sigmas.append(sigma)
