@@ -57,14 +57,16 @@ def test_the_teacher_on_a_short_schedule_draws_digits_of_every_class(judge, teac
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_a_short_digits_run_beats_the_teachers_one_step_output(script, tmp_path, monkeypatch, digits_teacher):
-    """20 generator steps (consistency.py: 10 of its batch 128) on the digits: the last evaluation is nearer the
-    teacher's Heun samples than kimg 0 (the untrained student), by a margin measured over seeds 0-2, and writes the
-    run's files: the grid, the animation, the samples in the evaluator's format."""
-    rows = digits_rows(script, tmp_path / 'r', monkeypatch, '--kimg', 1.28, '--eval-every', 0.64, '--fid-samples', 500,
+    """20 generator steps (consistency.py: 10 of its batch 128) on the digits with the tests' teacher: the final
+    evaluation is nearer the teacher's Heun samples than kimg 0 (the untrained student: the teacher's one-step output),
+    1000 samples each. Measured over seeds 0-2, fd_teacher's ratio final / kimg 0 was 0.72-0.74 (dmd), 0.63-0.67
+    (dibregman, sid), 0.87-0.90 (gan_only), 0.89-0.90 (consistency), and class_tv fell by 0.09-0.23: the test asks for
+    a ratio under 0.95 and a fall over 0.05. It also checks the run's files: the grid, the animation, the .npz."""
+    rows = digits_rows(script, tmp_path / 'r', monkeypatch, '--kimg', 1.28, '--eval-every', 1.28, '--fid-samples', 1000,
                        '--fid-final', 1000, *(['--reg-pairs', 128] if script == 'dmd' else []))
     first, last = rows[0], rows[-1]
     assert first['kimg'] == 0 and last['final'] and last['samples'] == 1000
-    assert last['fd_teacher'] < 0.9 * first['fd_teacher'] and last['class_tv'] < first['class_tv'], (first, last)
+    assert last['fd_teacher'] < 0.95 * first['fd_teacher'] and last['class_tv'] < first['class_tv'] - 0.05, (first, last)
     arr = np.load(tmp_path / 'r' / 'samples_1.28kimg.npz')['arr_0']
     assert arr.shape == (1000, 8, 8, 1) and arr.dtype == np.uint8
     assert (tmp_path / 'r' / 'training.gif').exists() and (tmp_path / 'r' / 'samples.png').exists()
