@@ -20,7 +20,7 @@ def test_readme_has_the_commands_a_user_needs():
         assert any(c.startswith(f'python {s}.py') for c in COMMANDS), s
     assert 'python -m pytest -q -n auto tests --durations=15' in (ROOT / '.ci' / 'run').read_text()   # CI runs the
     # README's test command, and prints the 15 slowest tests
-    for figure in ('toy_gallery.png', 'toy_training.gif', 'dibregman_modes.png'):
+    for figure in ('toy_gallery.png', 'toy_training.gif', 'dibregman_modes.png', 'digits_gallery.png'):
         assert (ROOT / 'figures' / figure).exists() and f'figures/{figure}' in README, figure
     assert (ROOT / 'figures' / 'toy_training.gif').stat().st_size < 3.5e6
 
