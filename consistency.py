@@ -10,7 +10,7 @@ Models" (iCT), ICLR 2024, arXiv 2310.14189; ECT: Geng et al., "Consistency Model
 sections 1-3 of the study notes "Distilled Diffusion Models" (2024-07-03; README, "Sources"): "Eq." below is theirs.
 
     python consistency.py --data toy                 # CD on the 2-D mixture on a CPU, a few minutes (--mode ct: CT)
-    python consistency.py --data digits              # CD (l2) on 8x8 handwritten digits on a CPU, about 3 minutes
+    python consistency.py --data digits              # CD (l2) on 8x8 handwritten digits on a CPU, about 2 minutes
     python consistency.py                            # CD with LPIPS, CIFAR-10 uncond, one H100; --mode ct: iCT
     python consistency.py --out R --eval-only --sample-steps 2   # 2-step FID of run R's G_ema (a row, *_2step files)
 Expected: toy mode_tv < 0.05, precision > 0.7 (tests). CIFAR-10, published: CD (LPIPS) 3.55 / 2.93 (1 / 2 steps), iCT

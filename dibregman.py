@@ -9,7 +9,7 @@ samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Rat
 
     python dibregman.py --h sba --lam 5             # CIFAR-10 uncond, one H100: the paper's run; its FID: 3.61 (clean)
     python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a few minutes; any h (README: the toy)
-    python dibregman.py --data digits               # 8x8 handwritten digits on a CPU, about 3 minutes (--h sba)
+    python dibregman.py --data digits               # 8x8 handwritten digits on a CPU, 2 minutes (--h sba)
     python dibregman.py --data toy --h kl --reward-beta 1     # Appendix G: toward p* ~ exp(x0[0]) p, the tilted mixture
 Code: log_bregman_weight (Table 1's h''(r) r, r = e^{-l}), disc_logit, disc_loss (eta, Eq. 5), dibregman_loss (Eq. 4,
 DMD's w(t)), reward_tilt (Appendix G); in train(), loss_G (lines 3-14; --w-gan: 12), loss_fake (15-22, G's x_theta).

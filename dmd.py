@@ -11,7 +11,7 @@ Matching Distillation (DMD) for Faster Diffusion Sampling" (2026-02-05; "the DMD
 notes "Distilled Diffusion Models" (2024-07-03); README, "Sources".
 
     python dmd.py --data toy                        # 2-D mixture on a CPU, a few minutes
-    python dmd.py --data digits                     # 8x8 handwritten digits on a CPU, about 3 minutes
+    python dmd.py --data digits                     # 8x8 handwritten digits on a CPU, 2 minutes (+2 the first time)
     python dmd.py                                   # CIFAR-10 uncond on one H100 (LPIPS anchor); --cond: the paper's
     python dmd.py --lambda-reg 0 --fake-steps 5     # DMD2-style
     python dmd.py --data toy --fake-score generator # ADD's score distillation: the fake score is G(z) itself

@@ -14,7 +14,7 @@ generated samples (Eq. 5 + R1), so r_t = q_t/p_t = e^{-l}, and G descends D_h(r_
            KL (h''(r) r = 1): L_G = -E[l], the blog's GAN loss.
 
     python gan_only.py --data toy                   # 2-D mixture on a CPU, a few minutes; --h sba --lam 5: any h
-    python gan_only.py --data digits                # 8x8 handwritten digits on a CPU, about 2 minutes (README)
+    python gan_only.py --data digits                # 8x8 digits on a CPU, 2 minutes: it does not learn them (README)
     python gan_only.py                              # CIFAR-10 uncond on one H100, official EDM teacher
 Expected: toy mode_tv < 0.05, precision > 0.7 (tests); CIFAR-10: no published number.
 Code: disc_logit (D_eta), log_bregman_weight and sample_weight (Table 1, as dibregman.py), gan_loss (L_G),

@@ -10,7 +10,7 @@ Generation", ICML 2024, arXiv 2404.04057; code github.com/mingyuanzhou/SiD; sect
 "Distilled Diffusion Models" (2024-07-03; README, "Sources").
 
     python sid.py --data toy                        # 2-D mixture on a CPU, a few minutes
-    python sid.py --data digits                     # 8x8 handwritten digits on a CPU, about 3 minutes
+    python sid.py --data digits                     # 8x8 handwritten digits on a CPU, 2 minutes (+2 the first time)
     python sid.py                                   # CIFAR-10 uncond on one H100 (--cond: conditional)
     python sid.py --alpha 1.0                       # the paper's other alpha
 Expected: toy mode_tv < 0.05, precision > 0.7 (tests); CIFAR-10: the paper reports FID 1.923 uncond / 1.710 cond

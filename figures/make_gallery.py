@@ -230,7 +230,7 @@ def figures(runs, seed, folder, mixture, teacher):
     plt.close(fig)
 
 def digits_table(commands, results, seeds):
-    """The judge's figures of the final one-step samples (10k each) of every digits command, over the seeds."""
+    """The judge's figures of the final one-step samples (50k each) of every digits command, over the seeds."""
     print(f'\nmedian [min-max] over seeds {seeds}; wall: the median run time (one thread, two runs at a time)')
     print('\n| command | kimg | fd_teacher | fd_data | class_tv | confident | wall |\n|---|---|---|---|---|---|---|')
     for script, flags in commands:
@@ -260,7 +260,7 @@ def digits_figure(runs, seed, folder):
     for ax, (title, images, text) in zip(axes.flat, panels):
         ax.imshow(make_grid(images, pad_value=255).permute(1, 2, 0).numpy(), interpolation='nearest')
         ax.set(xticks=[], yticks=[], title=title, xlabel=text)
-    fig.suptitle(f'python <script>.py --data digits --seed {seed}: one-step samples (8x8, 10k scored); first panel: '
+    fig.suptitle(f'python <script>.py --data digits --seed {seed}: one-step samples (8x8; 50k scored); first panel: '
                  'the teacher the methods distil')
     fig.savefig(os.path.join(folder, 'digits_gallery.png'), dpi=80, bbox_inches='tight')
     plt.close(fig)
