@@ -417,8 +417,8 @@ def train_teacher(net, sample, path, steps, batch, what):
 # === END SHARED: EDM teacher ===
 
 # === BEGIN SHARED: small worlds ===
-# On a CPU, each with a teacher trained here: a 2-D Gaussian mixture with an exact (noisy) density, the tests' ground
-# truth, and real 8x8 images; methods start from a teacher, as on CIFAR-10.
+# On a CPU, each with a teacher trained here, as CIFAR-10 has EDM's: a 2-D Gaussian mixture with an exact (noisy)
+# density, the tests' ground truth, and scikit-learn's 1,797 8x8 handwritten digits (the UCI set, CC BY 4.0).
 
 class GaussianMixture2D:   # k Gaussians of std `std` on a circle of radius `radius`, weighted 1 : 2 : ... : k
     def __init__(self, k=8, radius=2.0, std=0.1, tilt=0.0):
@@ -481,21 +481,6 @@ def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of t
     m = mixture.metrics(x)
     ax.set_title(f"{title}, {len(x)} samples\nmode_tv {m['mode_tv']:.3f}  precision {m['precision']:.2f}", fontsize=9)
 
-def plot_toy(mixture, out, title, x, kimg, tag='', gif=True):
-    """toy_samples<tag>.png: the final samples x (N, 2); toy_training.gif (gif): out/frames, 4000 samples each."""
-    from matplotlib.animation import FuncAnimation
-    from matplotlib.figure import Figure                                # no pyplot: files only, no screen
-    ax = Figure(figsize=(4, 4)).subplots()
-    fig = ax.figure
-    files = sorted(f for f in os.listdir(os.path.join(out, 'frames')) if f.endswith('.npy')) if gif else []
-    def frame(i):                                                       # frames/kimg<kimg>.npy
-        x = torch.from_numpy(np.load(os.path.join(out, 'frames', files[i])))
-        draw_toy(ax, mixture, x, f'{title}, kimg {float(files[i][4:-4]):g}')
-    if gif: FuncAnimation(fig, frame, len(files)).save(os.path.join(out, 'toy_training.gif'), 'pillow', fps=4, dpi=80)
-    draw_toy(ax, mixture, x, f'{title}, kimg {kimg:g}')
-    fig.savefig(os.path.join(out, f'toy_samples{tag}.png'), dpi=120, bbox_inches='tight')
-
-# scikit-learn's handwritten digits (1,797 8x8 images, 10 classes; the UCI set, CC BY 4.0, inside its wheel)
 DIGITS_UNET = dict(img_resolution=8, in_channels=1, out_channels=1, augment_dim=0, model_channels=32,
                    channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0)       # 0.7M parameters
 
@@ -519,11 +504,9 @@ def frechet(a, b):   # the Frechet distance between Gaussians fitted to two sets
         return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
 
 class DigitsJudge:
-    """The judge: scikit-learn's MLP of the pixels (64 hidden units), fit in a second on 1,500 digits (the other 297
-    give its accuracy). metrics() of uint8 images (N, 1, 8, 8): class_tv, the total variation of the predicted class
-    frequencies from the data's; confident, the share classified with probability >= 0.9; fd_data, fd_teacher, the
-    Frechet distance of the hidden features to the data's and the reference's (the teacher's Heun samples); with
-    labels (--cond), label_acc, the share classified as labelled."""
+    """The digits' judge: scikit-learn's MLP of the pixels (64 hidden units), fit on 1,500 digits, tested on the other
+    297. metrics(uint8 (N, 1, 8, 8)): class_tv (of the predicted class frequencies), confident (p >= 0.9), fd_data and
+    fd_teacher (Frechet distances of the hidden features), label_acc (--cond); the README defines each."""
     def __init__(self, images, labels):
         from sklearn.neural_network import MLPClassifier
         x, y, i = images.flatten(1).numpy() / 127.5 - 1, labels.numpy(), np.random.default_rng(0).permutation(1797)
@@ -789,16 +772,24 @@ class World:
             metrics = self.evaluate_toy(sampler, kimg, final, tag) if cfg.data == 'toy' else \
                 self.evaluate_images(sampler, kimg, final, tag)
         row = dict(kimg=kimg, step=step, sample_steps=steps, **metrics, final=final, eval_only=cfg.eval_only)
+        if final and not cfg.eval_only:                                 # training.gif: the frames, one per evaluation
+            from PIL import Image
+            frames = [os.path.join(cfg.out, 'frames', f) for f in sorted(os.listdir(os.path.join(cfg.out, 'frames')))]
+            gif = [Image.open(f) for f in frames if f.endswith('.png')]
+            gif[0].save(os.path.join(cfg.out, 'training.gif'), save_all=True, append_images=gif[1:], duration=250)
         print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
         tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
         return row
-    def evaluate_toy(self, sampler, kimg, final, tag):   # frames/kimg<kimg>.npy; at the end toy_samples<tag>.npy, .png
+    def evaluate_toy(self, sampler, kimg, final, tag):   # frames/kimg<kimg>.npy, .png; at the end toy_samples<tag>.*
+        from matplotlib.figure import Figure                            # no pyplot: files only, no screen
         z = torch.randn(10000, 2, generator=torch.Generator().manual_seed(123))[:10000 if final else 4000]
-        x = sampler(z.to(self.device), None).cpu()
-        frame = os.path.join(self.cfg.out, 'frames', f'kimg{kimg:010.3f}.npy')
-        if not self.cfg.eval_only: np.save(frame, x[:4000].numpy())
-        if final: np.save(os.path.join(self.cfg.out, f'toy_samples{tag}.npy'), x.numpy())
-        if final: plot_toy(self.target, self.cfg.out, self.cfg.script + tag, x, kimg, tag, gif=not self.cfg.eval_only)
+        x, ax = sampler(z.to(self.device), None).cpu(), Figure(figsize=(4, 4)).subplots()
+        out = [] if self.cfg.eval_only else [(x[:4000], os.path.join(self.cfg.out, 'frames', f'kimg{kimg:010.3f}'))]
+        if final: out.append((x, os.path.join(self.cfg.out, f'toy_samples{tag}')))   # the samples the row scores
+        for x_out, path in out:                                         # a frame (of training.gif), then the 10k
+            np.save(path + '.npy', x_out.numpy())
+            draw_toy(ax, self.target, x_out, f'{self.cfg.script}{tag}, kimg {kimg:g}')
+            ax.figure.savefig(path + '.png', dpi=100)
         return dict(samples=len(x), **self.target.metrics(x))
     def evaluate_images(self, sampler, kimg, final, tag):
         """samples<tag>.png, a frame of training.gif: one-step samples of fixed noise (digits: above the teacher's Heun
@@ -812,12 +803,7 @@ class World:
         if self.judge: x = torch.cat([x, self.reference[:64]])         # 8 rows of samples, 8 of the teacher's below
         grid = make_grid(F.interpolate(x, size=32), pad_value=255).float() / 255          # (C, H, W)
         save_image(grid, os.path.join(cfg.out, f'samples{tag}.png'))
-        frames = os.path.join(cfg.out, 'frames')
-        if not cfg.eval_only: save_image(grid, os.path.join(frames, f'kimg{kimg:010.3f}.png'))
-        if final and not cfg.eval_only:                                 # training.gif: the grid through training
-            from PIL import Image
-            gif = [Image.open(os.path.join(frames, f)) for f in sorted(os.listdir(frames)) if f.endswith('.png')]
-            gif[0].save(os.path.join(cfg.out, 'training.gif'), save_all=True, append_images=gif[1:], duration=400)
+        if not cfg.eval_only: save_image(grid, os.path.join(cfg.out, 'frames', f'kimg{kimg:010.3f}.png'))
         n = cfg.fid_final if final else cfg.fid_samples
         if not n: return {}
         images, labels = [], []
@@ -937,21 +923,19 @@ def bench(cfg, world, step_fn):
     cuda = world.device.type == 'cuda'
     with world.autocast():
         step_fn()                                                       # warm-up (and compilation)
-    try:
-        with FlopCounterMode(display=False) as counter, world.autocast():
-            step_fn()
-        flops = counter.get_total_flops()
-    except RuntimeError:                                        # the counter fails on an inner backward (R1, reward)
-        flops = float('nan')
-        print("bench: torch's FLOP counter failed on this step; TFLOP/s and MFU are unknown")
-    sync = torch.cuda.synchronize if cuda else time.time
-    sync()
-    if cuda: torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    with world.autocast():
+        try:
+            with FlopCounterMode(display=False) as counter:
+                step_fn()
+            flops = counter.get_total_flops()
+        except RuntimeError:                                    # the counter fails on an inner backward (R1, reward)
+            flops = float('nan')
+            print("bench: torch's FLOP counter failed on this step; TFLOP/s and MFU are unknown")
+        if cuda: torch.cuda.synchronize()
+        if cuda: torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
         for _ in range(cfg.bench):
             step_fn()
-    sync()
+        if cuda: torch.cuda.synchronize()
     dt = (time.time() - t0) / cfg.bench
     name = torch.cuda.get_device_name() if cuda else 'cpu'
     precision = 'bf16' if world.bf16 else 'fp32' if cfg.precision == 'auto' or not cuda else cfg.precision

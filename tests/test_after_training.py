@@ -32,7 +32,7 @@ def test_eval_only_scores_the_checkpoint_without_training(script, tmp_path, toy_
     assert (out / 'ckpt.pt').read_bytes() == ckpt                      # nothing trained, nothing written back
     x = np.load(out / 'toy_samples.npy')
     assert x.shape == (10000, 2) and np.array_equal(x, x_train)       # the same G_ema on the same noise
-    assert len(os.listdir(out / 'frames')) == 3                        # no frame added by the evaluation
+    assert len(os.listdir(out / 'frames')) == 6                        # no frame added by the evaluation (.npy, .png)
 
 def test_eval_only_refuses_what_it_cannot_score(tmp_path, toy_teacher):
     """A checkpoint of another script, or none: one line (the command line's is checked once, the rest in-process)."""

@@ -29,16 +29,19 @@ def test_toy_distillation_matches_the_mixture(tmp_path, toy_teacher):
     assert (tmp_path / 'toy' / 'toy_samples.png').exists()
 
 def test_toy_run_writes_the_training_animation(tmp_path, toy_teacher):
-    """toy_training.gif: one frame per evaluation (21 over the default run, kimg 0 first), the same noise in every frame (so early
-    and late frames differ only through training), kimg and the metrics in each title."""
+    """training.gif: one frame per evaluation (21 over the default run, kimg 0 first), frames/kimg<kimg>.npy and .png
+    each, the same noise in every frame (so early and late frames differ only through training), kimg and the metrics
+    in each title."""
     from PIL import Image
     r = run('dmd', '--data', 'toy', '--out', tmp_path / 'a', '--kimg', '60', '--eval-every', '6')
     assert r.returncode == 0, r.stderr[-2000:]
-    frames = sorted(os.listdir(tmp_path / 'a' / 'frames'))
+    frames = sorted(f for f in os.listdir(tmp_path / 'a' / 'frames') if f.endswith('.npy'))
+    pngs = sorted(f for f in os.listdir(tmp_path / 'a' / 'frames') if f.endswith('.png'))
+    assert pngs == [f[:-4] + '.png' for f in frames] and not (tmp_path / 'a' / 'toy_training.gif').exists()
     assert len(frames) == 11 and frames[0] == 'kimg000000.000.npy' and frames[1] == 'kimg000006.144.npy'
     xs = [np.load(tmp_path / 'a' / 'frames' / f) for f in frames]
     assert all(x.shape == (4000, 2) for x in xs) and np.abs(xs[0] - xs[-1]).mean() > 1e-3
-    gif = Image.open(tmp_path / 'a' / 'toy_training.gif')
+    gif = Image.open(tmp_path / 'a' / 'training.gif')
     assert gif.n_frames == 11
     gif.seek(0)
     first = np.asarray(gif.convert('RGB')).copy()
