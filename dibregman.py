@@ -1,36 +1,30 @@
 """
 dibregman.py -- Di-Bregman: one-step distillation of the EDM CIFAR-10 teacher by Bregman density-ratio matching.
 
-A one-step generator G_theta, a copy of the teacher, follows DMD's score difference (the frozen teacher phi minus an
-auxiliary denoiser psi trained on G's samples) on its noised samples x_t, each weighted by h''(r) r: r = q_t/p_t is the
-generator-to-data density ratio, h the convex function of the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq. 4; KL:
-weight 1, DMD), r = e^{-l}, l the logit of a discriminator on psi's encoder (SiDA) trained on real images against G's
-samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching", arXiv 2510.16983.
+A one-step generator G_theta, a copy of the teacher phi, follows DMD's score difference s_phi - s_psi on its noised
+samples x_t (s_psi: the score of an auxiliary model psi trained on G's samples), each sample weighted by h''(r) r: r =
+q_t/p_t is the generator-to-data density ratio, h the convex function of the Bregman divergence D_h(r || 1) (Theorem
+3.1, Eq. 4; KL: weight 1, DMD). r = e^{-l}, l the logit of a discriminator D_eta = sigmoid(l) on psi's encoder (SiDA),
+trained on real images against G's samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Ratio
+Matching", arXiv 2510.16983.
 
     python dibregman.py --h sba --lam 5             # CIFAR-10 uncond, one H100: the paper's run; its FID: 3.61 (clean)
-    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a few minutes; any h (README: the toy)
+    python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a minute; any h (README, experiment 3)
     python dibregman.py --data digits               # 8x8 handwritten digits on a CPU, 2 minutes (--h sba)
     python dibregman.py --data toy --h kl --reward-beta 1     # Appendix G: toward p* ~ exp(x0[0]) p, the tilted mixture
-Code: log_bregman_weight (Table 1's h''(r) r, r = e^{-l}), disc_logit, disc_loss (eta, Eq. 5), dibregman_loss (Eq. 4,
-DMD's w(t)), reward_tilt (Appendix G); in train(), loss_G (lines 3-14; --w-gan: 12), loss_fake (15-22, G's x_theta).
+Names, as in the other scripts: teacher and fake are phi and psi; D_real, D_fake their denoisers' outputs at x_t, D_phi
+and D_psi (a score is s = (D - x_t) / sigma^2); fake.eta and l: the discriminator head eta and its logit l_t(x_t); hr:
+Table 1's h''(r) r. loss_G is Algorithm 1's lines 3-14, loss_fake its lines 15-22.
 
-Appendix G (--reward-beta B): the target p*(x0) ~ R(x0) p(x0), R = exp(B a.x0), has the ratio r* = R_t / Z0 to the
-data (Eq. 19, 36), R_t = E[R(x0) | x_t]. Eq. (32)'s gradient (Eq. 34 for r; for r*, the chain rule through x_t = G(eps)
-+ sigma n) is -E[(h''(r) r (s_p - s_q) + h''(r*) r* grad log R_t) dG/dtheta], zero where r = r*; for KL it is DMD
-toward the tilted teacher D_phi + sigma^2 grad log R_t. Eq. (35) as printed subtracts the reward's term: it tilts
-toward 1/R. R_t: exact on the toy, or Eq. (25)'s R(D_phi(x_t)) through the teacher (low, by Jensen; its Jacobian
-fails at large sigma: README); above --reward-cap, the limits R_t = Z0, sigma^2 grad log R_t = E_p*[x0] - E_p[x0].
-
-CIFAR-10 defaults. Paper (Algorithm 1, Eq. 4-5): t ~ U[0, 1] for Eq. (4) (sigma = karras(u), u in [0.02, 0.98]),
-t'' ~ U[0, 0.95] for Eq. (5) (u = 1 - t''), no GAN term. SiDA, the framework the paper names (Zhou et al., ICLR 2025,
-arXiv 2410.14919; mingyuanzhou/SiD, branch sida, run_sida.sh): G(z) = D(2.5 z, 2.5) (--init-sigma), batch 256, lr
-1e-5 for G and for psi + eta, Adam (0, 0.999), eps 1e-8, EMA half-life 500 kimg, psi's loss at EDM's lognormal sigma
-and weight summed over a sample, fp32 without TF32 (--precision fp32; bf16 is far faster). Ours: --kimg 20000 (SiDA:
-300000), --weight-group 8, an unweighted Eq. (5); toy: G(z) = D(80 z, 80), batch 512, lr 3e-4, a linear head, 1200
-kimg, EMA 50 kimg; digits: CIFAR-10's, but batch 64, lr 1e-4, 25.6 kimg, EMA 2.5 kimg. Departures: --weight-group K
-samples share sigma, h''(r) r over its mean among them (a choice of Eq. 4's free w(t)); one logit per sample (SiDA:
-per 8 x 8 position); no EMA ramp-up, no augmentation for psi (SiDA: p = 0.12); the DDPM++ teacher (appendix D distils
-NCSN++).
+CIFAR-10 defaults: Algorithm 1 and Eq. (4)-(5): t ~ U[0, 1] for Eq. (4) (sigma = karras(u), u in [0.02, 0.98]), t'' ~
+U[0, 0.95] for Eq. (5) (u = 1 - t''), no GAN term; SiDA, the framework the paper names (Zhou et al., ICLR 2025, arXiv
+2410.14919; mingyuanzhou/SiD, branch sida, run_sida.sh): G(z) = D(2.5 z, 2.5) (--init-sigma), batch 256, lr 1e-5 for
+G and for psi + eta, Adam (0, 0.999), eps 1e-8, EMA half-life 500 kimg, psi's loss at EDM's lognormal sigma and weight
+summed over a sample, fp32 without TF32 (--precision fp32; bf16 is far faster). Ours: --kimg 20000 (SiDA: 300000),
+--weight-group 8 (K samples share sigma, h''(r) r over its mean among them: a choice of Eq. 4's free w(t)), an
+unweighted Eq. (5), one logit per sample (SiDA: per 8 x 8 position), no EMA ramp-up, no augmentation for psi (SiDA:
+p = 0.12), the DDPM++ teacher (appendix D distils NCSN++). Toy: G(z) = D(80 z, 80), batch 512, lr 3e-4, a linear
+head, 1200 kimg, EMA 50 kimg; digits: CIFAR-10's, but batch 64, lr 1e-4, 25.6 kimg, EMA 2.5 kimg.
 """
 import argparse, collections, copy, datetime, functools, inspect, io, json, math, os, pickle, resource, signal, time
 import warnings
@@ -56,11 +50,13 @@ def get_config(argv=None):
     p = parser(__file__, 'Di-Bregman: Bregman density-ratio matching distillation.')
     A = p.add_argument_group('Di-Bregman').add_argument
     A('--h', choices=['lr', 'kl', 'be', 'ls', 'sba'], default='sba',
-      help="convex h of Table 1; weight h''(r) r: lr 1/(1+r), kl 1 (= DMD), be 1/r, ls r, sba r^lam")
+      help="Table 1's h, weight h''(r) r: lr (logistic regression; not --lr) 1/(1+r), kl (Kullback-Leibler) 1, be "
+           "(h = -log r) 1/r, ls (least squares) r, sba (h = (r^(1+lam) - r) / (lam (lam+1))) r^lam")
     A('--lam', type=number(float, lambda v: True, 'a number'), default=5.0, help='SBA lambda (appendix F: 3-10 best)')
     A('--init-sigma', type=pos_float, help='G(z) = D(sigma z, sigma) (SiDA: 2.5)')
     A('--w-gan', type=nonneg_float, default=0.0, help='weight of the GAN term -log D(x_t) of G (0: off, as the paper)')
-    A('--weight-group', type=nonneg_int, default=8, help="K samples share sigma and the mean of h''(r) r (0: raw)")
+    A('--weight-group', type=nonneg_int, default=8,
+      help="K samples share sigma, each h''(r) r over their mean (0: raw weights; 1: every weight 1, KL's gradient)")
     A('--disc-head', choices=['mean', 'linear'], help="logit: the mean of psi's bottleneck, or a linear map of it")
     A('--lr-fake', type=pos_float, help='learning rate of psi and its discriminator (default: --lr)')
     A('--reward-beta', type=number(float, lambda v: True, 'a number'), default=0.0,
@@ -77,7 +73,7 @@ def get_config(argv=None):
     return cfg
 
 # -----------------------------------------------------------------------------
-# Di-Bregman: Table 1's weight, the discriminator on psi's encoder, the losses. Each works on tensors of any shape
+# Di-Bregman: Table 1's weight, the discriminator on psi's encoder, Eq. (4)'s loss. Each works on tensors of any shape
 # (images or 2-D points); l is one logit per sample.
 
 def log_bregman_weight(l, h, lam=5.0):
@@ -89,8 +85,8 @@ def log_bregman_weight(l, h, lam=5.0):
     return -lam * l                                             # sba: r^lam = e^{-lam l}
 
 def sample_weight(l, h, lam=5.0, group=0, l_at=None):
-    """Eq. (4)'s stop-gradient weight h''(r) r over its mean in each run of `group` samples (one sigma): <= group.
-    l_at: the weight at r = e^{-l_at} instead (Appendix G's h''(r*) r*), over the same mean; it has no such bound."""
+    """hr = sg(h''(r) r) of Eq. (4), over its mean in each run of `group` samples (one sigma): <= group. l_at: the
+    weight at r = e^{-l_at} instead (Appendix G's h''(r*) r*), over the same mean; it has no such bound."""
     logw = log_bregman_weight(l.detach().float(), h, lam)
     at = logw if l_at is None else log_bregman_weight(l_at.detach().float(), h, lam)
     if not group: return at.exp()
@@ -98,34 +94,103 @@ def sample_weight(l, h, lam=5.0, group=0, l_at=None):
     return (at.reshape(-1, group) - logw.logsumexp(1, keepdim=True) + math.log(group)).exp().flatten()
 
 def disc_logit(psi, x_t, sigma, c=None, with_D=False):
-    """The discriminator eta on psi's encoder (appendix D, SiDA): l_t(x_t) = the mean of the bottleneck features.
-    with_D: also psi's denoiser output, from the same pass; otherwise the encoder runs alone."""
-    D_x, feat = psi(x_t, sigma, c, return_features=True if with_D else 'only')
-    head = getattr(psi, 'disc_head', None)                      # --disc-head linear: w . (channel means) + b
-    l = feat.flatten(1).mean(1) if head is None else head(feat.reshape(*feat.shape[:2], -1).mean(2))[:, 0]
+    """The logit l = l_t(x_t) of the discriminator D_eta = sigmoid(l) on psi's encoder (appendix D, SiDA): the mean of
+    the bottleneck features, or psi.eta of their channel means. with_D: also D_psi(x_t), from the same pass."""
+    D_x, feat = psi(x_t, sigma, c, return_features=True if with_D else 'only')   # 'only': the encoder runs alone
+    eta = getattr(psi, 'eta', None)                             # --disc-head linear: w . (channel means) + b
+    l = feat.flatten(1).mean(1) if eta is None else eta(feat.reshape(*feat.shape[:2], -1).mean(2))[:, 0]
     return (l, D_x) if with_D else l
 
 def disc_loss(l_real, l_fake):
-    """Eq. (5) with D = sigmoid(l): -log D(x_gt, t) - log(1 - D(G(eps)_t)); its optimum is l* = log p_t / q_t."""
+    """Eq. (5), D_eta = sigmoid(l): -log D_eta(x_gt, t) - log(1 - D_eta(G(eps)_t)); its optimum l* = log p_t / q_t."""
     return F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
 
-def dibregman_loss(x, D_real, D_fake, w, shift=0.0, w_star=None):
-    """Eq. (4), Di-Bregman: per sample, the gradient with respect to x is
-        grad = w (s_fake - s_real) sigma^2 / mean|D_real - x| = w (D_fake - D_real) / mean|x - D_real|,
-    dmd.py's dmd_loss gradient times the weight w = sg(h''(r) r) (w = 1: exactly DMD's). Appendix G: minus w_star shift,
-    w_star = h''(r*) r*, shift = sigma^2 grad log R_t, over mean|x - (D_real + shift)| (the module docstring)."""
+def dibregman_loss(x, D_real, D_fake, hr, shift=0.0, hr_star=None):
+    """Eq. (4), Di-Bregman, per sample: the gradient with respect to x is
+        grad = hr w(t) (s_psi - s_phi) = hr (D_fake - D_real) / mean|x - D_real|,   w(t) = sigma^2 / mean|x - D_real|,
+    hr = sg(h''(r) r); w(t) is DMD's choice of Eq. (4)'s free weight (hr = 1: dmd.py's dmd_loss). Appendix G subtracts
+    hr_star shift / norm, hr_star = h''(r*) r*, shift = sigma^2 grad log R_t (in norm too: mean|x - D_real - shift|)."""
     dims, shape = tuple(range(1, x.ndim)), (-1, *[1] * (x.ndim - 1))
     norm = (x - D_real - shift).abs().mean(dims, keepdim=True).clamp_min(1e-6)     # shift 0: x - D_real
-    grad = w.detach().reshape(shape) * torch.nan_to_num((D_fake - D_real) / norm)  # not nan_to_num'ed: an inf weight
-    if w_star is not None: grad = grad - w_star.reshape(shape) * (shift / norm)    # or reward stops the run
+    grad = hr.detach().reshape(shape) * torch.nan_to_num((D_fake - D_real) / norm)  # not nan_to_num'ed: an inf weight
+    if hr_star is not None: grad = grad - hr_star.reshape(shape) * (shift / norm)   # or reward stops the run
     return 0.5 * F.mse_loss(x, (x - grad).detach())              # L = 1/2 ||x - sg(x - grad)||^2
 
 # -----------------------------------------------------------------------------
-# Training: Algorithm 1 -- the generator (lines 3-14), then psi and its discriminator eta (lines 15-22).
+# Training: Algorithm 1 -- the generator (its lines 3-14), then psi and its discriminator head eta (lines 15-22).
+
+def train(cfg, extract=None, reward_fn=None):
+    world = World(cfg, extract)
+    G, fake = [copy.deepcopy(world.teacher).requires_grad_(True) for _ in range(2)]   # theta, psi <- phi (line 1)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)                            # (eval mode: no dropout)
+    if cfg.disc_head == 'linear':                                # eta's own parameters, starting as the mean head
+        z, c = world.noise(1, torch.Generator(world.device))    # (its own RNG: the training noise is untouched)
+        C = world.teacher(z, 1.0, c, return_features=True)[1].shape[1]
+        fake.eta = nn.Linear(C, 1).to(world.device)
+        nn.init.constant_(fake.eta.weight, 1 / C)
+        nn.init.zeros_(fake.eta.bias)
+    adam = functools.partial(torch.optim.Adam, betas=(0.0, 0.999), eps=1e-8, fused=True)
+    opt_G, opt_fake = adam(G.parameters(), lr=cfg.lr), adam(fake.parameters(), lr=cfg.lr_fake or cfg.lr)
+    G_c, fake_c, teacher_c = world.compiled(G), world.compiled(fake), world.compiled(world.teacher)
+    group = cfg.weight_group * (cfg.h != 'kl')                   # samples that share one sigma and hr's mean (0: raw)
+    B, K = world.batch, max(group, 1)
+    tilt = reward_tilt(cfg, world, reward_fn) if cfg.reward_beta else None   # Appendix G, below
+    kept = []                                                    # x_theta and hr of the generator's micro-batches
+
+    def loss_G(z, c, sigma, n):   # one micro-batch of the generator's loss (Algorithm 1, lines 3-14)
+        x = generate(G_c, z, c, cfg.init_sigma)                  # x_theta = G_theta(eps)
+        sigma = as_sigma(sigma, x)
+        x_t = x.detach() + sigma * n                             # x_t ~ q_t|0(x_t | x_theta)
+        with torch.no_grad():
+            D_real = teacher_c(x_t, sigma, c)                    # s_phi, through the teacher's denoiser D_phi
+            l, D_fake = disc_logit(fake_c, x_t, sigma, c, with_D=True)   # s_psi and the logit l_t(x_t), one pass
+        hr = sample_weight(l, cfg.h, cfg.lam, group)             # h''(r) r, r = e^{-l}
+        kept.append((x.detach(), hr))
+        log_r_star, shift = tilt(x_t, sigma, c) if tilt else (None, 0.0)     # Appendix G: the reward's term, and
+        hr_star = None if tilt is None else sample_weight(l, cfg.h, cfg.lam, group, -log_r_star)   # h''(r*) r*
+        losses = dict(loss_dm=dibregman_loss(x, D_real, D_fake, hr, shift, hr_star))   # Eq. (4), Di-Bregman
+        if cfg.w_gan == 0: return losses['loss_dm'], losses
+        losses['loss_gan'] = F.softplus(-disc_logit(fake_c, x + sigma * n, sigma, c)).mean()   # -log D_eta, line 12
+        return losses['loss_dm'] + cfg.w_gan * losses['loss_gan'], losses   # L_gen = L_Di-Bregman + w_GAN L_GAN
+
+    def loss_fake(x, c, x_gt, c_gt, s, n_real, n_fake, sigma_fake, n):   # one micro-batch of psi's and eta's loss
+        s = as_sigma(torch.cat([s, s]), torch.cat([x_gt, x]))
+        x2 = torch.cat([x_gt, x]) + s * torch.cat([n_real, n_fake])     # noised real and generated images
+        l_real, l_fake = disc_logit(fake_c, x2, s, None if c is None else torch.cat([c_gt, c])).chunk(2)
+        losses = dict(loss_disc=disc_loss(l_real, l_fake))       # Eq. (5), Di-Bregman
+        losses['loss_fake'] = edm_loss(fake_c, x, sigma_fake, n, c) * x[0].numel()   # summed over a sample, as SiDA
+        return losses['loss_fake'] + losses['loss_disc'], losses
+
+    def step():
+        # The generator update (lines 3-14); the noise of the whole batch first, the same for any --batch-gpu.
+        z, c = world.noise(B)
+        sigma = sample_sigma(B // K, world.device).repeat_interleave(K)
+        kept.clear()
+        losses = world.step(opt_G, loss_G, z, c, sigma, world.randn(B))
+        ema_update(G_ema, G, cfg.batch, cfg.ema_kimg)
+        # psi's denoising loss (lines 16-18) and eta's (Eq. 5, lines 19-22): one step on the kept x_theta of G's step
+        x, hr = [torch.cat(t) for t in zip(*kept)]
+        x_gt, c_gt = world.real(B)
+        s = sample_sigma(B, world.device, 0.05, 1.0)             # t'' ~ U[0, 0.95] -> u = 1 - t'' on the ramp
+        n_real, n_fake = world.randn(2 * B).chunk(2)
+        sigma_fake = (torch.randn(B, device=world.device) * 1.2 - 1.2).exp()   # SiDA: EDM's lognormal sigma
+        losses.update(world.step(opt_fake, loss_fake, x, c, x_gt, c_gt, s, n_real, n_fake, sigma_fake, world.randn(B)))
+        losses['ess'] = hr.mean() ** 2 / (hr ** 2).mean()        # the weights' effective sample size, as a fraction
+        return losses
+
+    sampler = functools.partial(generate, G_ema, sigma=cfg.init_sigma)   # sampler(z, c) = G_ema's one-step samples
+    return fit(cfg, world, dict(G=G, fake=fake, G_ema=G_ema), dict(G=opt_G, fake=opt_fake), step, sampler)
+
+# -----------------------------------------------------------------------------
+# Appendix G (--reward-beta B): the target p* ~ R p, R(x0) = exp(B a.x0), has the ratio r* = R_t / Z0 to the data
+# (Eq. 19, 36), R_t = E[R(x0) | x_t]. The gradient of Eq. (32), D_h(r || r*), through x_t = G(eps) + sigma n adds
+# -E[h''(r*) r* grad log R_t dG/dtheta] to Eq. (4)'s: zero where r = r*; for KL, DMD toward the tilted teacher D_phi +
+# sigma^2 grad log R_t (Eq. 35 as printed has the other sign: toward 1/R). R_t: exact on the toy, or Eq. (25)'s
+# R(D_phi(x_t)) through the teacher; above --reward-cap, the limits R_t = Z0, sigma^2 grad log R_t = E_p*[x0] - E_p[x0].
 
 def reward_tilt(cfg, world, reward_fn=None):
-    """Appendix G: tilt(x_t, sigma, c) -> (log r*, shift), r* = R_t / Z0 (Eq. 29, 36), shift = sigma^2 grad log R_t.
-    log R(x0) = beta reward_fn(x0), by default beta a.x0; on the toy with a.x0 evaluation scores the tilted mixture."""
+    """tilt(x_t, sigma, c) -> (log r*, shift), r* = R_t / Z0 (Eq. 29, 36), shift = sigma^2 grad log R_t. log R(x0) =
+    beta reward_fn(x0), by default beta a.x0; on the toy with a.x0 evaluation scores the tilted mixture."""
     def log_reward(x0):   # a.x0: x0[0] on the toy (a = (1, 0)), the mean pixel on CIFAR-10; or a user's reward_fn(x0)
         a_x0 = x0[:, 0] if x0.ndim == 2 else x0.flatten(1).mean(1)
         return cfg.reward_beta * (reward_fn(x0) if reward_fn else a_x0)
@@ -147,67 +212,6 @@ def reward_tilt(cfg, world, reward_fn=None):
         far = sigma > cap                                        # beyond the cap, the sigma -> infinity limits
         return log_r.detach().float().masked_fill(far.flatten(), 0.0), torch.where(far, limit, sigma ** 2 * g)
     return tilt
-
-def train(cfg, extract=None, reward_fn=None):
-    world = World(cfg, extract)
-    G, fake = [copy.deepcopy(world.teacher).requires_grad_(True) for _ in range(2)]   # theta, psi <- phi (line 1)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)                            # (eval mode: no dropout)
-    if cfg.disc_head == 'linear':                                # eta's own parameters, starting as the mean head
-        c = F.one_hot(torch.zeros(1, dtype=torch.long, device=world.device), 10).float() if world.label_dim else None
-        C = world.teacher(torch.zeros(1, *world.shape, device=world.device), 1.0, c, return_features=True)[1].shape[1]
-        fake.disc_head = nn.Linear(C, 1).to(world.device)
-        nn.init.constant_(fake.disc_head.weight, 1 / C)
-        nn.init.zeros_(fake.disc_head.bias)
-    adam = functools.partial(torch.optim.Adam, betas=(0.0, 0.999), eps=1e-8, fused=True)
-    opt_G, opt_fake = adam(G.parameters(), lr=cfg.lr), adam(fake.parameters(), lr=cfg.lr_fake or cfg.lr)
-    G_c, fake_c, teacher_c = world.compiled(G), world.compiled(fake), world.compiled(world.teacher)
-    B, K = world.batch, max(cfg.weight_group * (cfg.h != 'kl'), 1)   # K samples share one sigma and their weights' mean
-    tilt = reward_tilt(cfg, world, reward_fn) if cfg.reward_beta else None
-    kept = []                                                    # x_theta and w of the generator's micro-batches
-
-    def loss_G(z, c, sigma, n):   # one micro-batch of the generator's loss (lines 3-14)
-        x = generate(G_c, z, c, cfg.init_sigma)                  # x_theta = G_theta(eps)
-        sigma = as_sigma(sigma, x)
-        x_t = x.detach() + sigma * n                             # x_t ~ q_t|0(x_t | x_theta)
-        with torch.no_grad():
-            D_real = teacher_c(x_t, sigma, c)                    # s_phi through the teacher's denoiser
-            l, D_fake = disc_logit(fake_c, x_t, sigma, c, with_D=True)   # s_psi and the logit l_t(x_t), one pass
-        w = sample_weight(l, cfg.h, cfg.lam, K * (K > 1))        # h''(r) r, r = e^{-l}
-        kept.append((x.detach(), w))
-        log_r_star, shift = tilt(x_t, sigma, c) if tilt else (None, 0.0)     # Appendix G: the reward's term, and
-        w_star = None if tilt is None else sample_weight(l, cfg.h, cfg.lam, K * (K > 1), -log_r_star)   # h''(r*) r*
-        losses = dict(loss_dm=dibregman_loss(x, D_real, D_fake, w, shift, w_star))     # Eq. (4), Di-Bregman
-        if cfg.w_gan == 0: return losses['loss_dm'], losses
-        losses['loss_gan'] = F.softplus(-disc_logit(fake_c, x + sigma * n, sigma, c)).mean()   # -log D, line 12
-        return losses['loss_dm'] + cfg.w_gan * losses['loss_gan'], losses   # L_gen = L_Di-Bregman + w_GAN L_GAN
-
-    def loss_fake(x, c, x_gt, c_gt, s, n_real, n_fake, sigma_fake, n):   # one micro-batch of psi's and eta's loss
-        s = as_sigma(torch.cat([s, s]), torch.cat([x_gt, x]))
-        x2 = torch.cat([x_gt, x]) + s * torch.cat([n_real, n_fake])     # noised real and generated images
-        l_real, l_fake = disc_logit(fake_c, x2, s, None if c is None else torch.cat([c_gt, c])).chunk(2)
-        losses = dict(loss_disc=disc_loss(l_real, l_fake))       # Eq. (5), Di-Bregman
-        losses['loss_fake'] = edm_loss(fake_c, x, sigma_fake, n, c) * x[0].numel()   # summed over a sample, as SiDA
-        return losses['loss_fake'] + losses['loss_disc'], losses
-
-    def step():
-        # The generator update (lines 3-14); the noise of the whole batch first, the same for any --batch-gpu.
-        z, c = world.noise(B)
-        sigma = sample_sigma(B // K, world.device).repeat_interleave(K)
-        kept.clear()
-        losses = world.step(opt_G, loss_G, z, c, sigma, world.randn(B))
-        ema_update(G_ema, G, cfg.batch, cfg.ema_kimg)
-        # psi's denoising loss (lines 16-18) and eta's (Eq. 5, lines 19-22): one step on the kept x_theta of G's step
-        x, w = [torch.cat(t) for t in zip(*kept)]
-        x_gt, c_gt = world.real(B)
-        s = sample_sigma(B, world.device, 0.05, 1.0)             # t'' ~ U[0, 0.95] -> u = 1 - t'' on the ramp
-        n_real, n_fake = world.randn(2 * B).chunk(2)
-        sigma_fake = (torch.randn(B, device=world.device) * 1.2 - 1.2).exp()   # SiDA: EDM's lognormal sigma
-        losses.update(world.step(opt_fake, loss_fake, x, c, x_gt, c_gt, s, n_real, n_fake, sigma_fake, world.randn(B)))
-        losses['ess'] = w.mean() ** 2 / (w ** 2).mean()          # the weights' effective sample size, as a fraction
-        return losses
-
-    sampler = functools.partial(generate, G_ema, sigma=cfg.init_sigma)   # sampler(z, c) = G_ema's one-step samples
-    return fit(cfg, world, dict(G=G, fake=fake, G_ema=G_ema), dict(G=opt_G, fake=opt_fake), step, sampler)
 
 def main(argv=None):
     train(get_config(argv))

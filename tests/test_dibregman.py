@@ -46,6 +46,20 @@ def test_weight_group_must_divide_the_batch():
     r = run('dibregman', '--data', 'toy', '--batch', '60', '--weight-group', '8')
     assert r.returncode == 2 and 'must be multiples of --weight-group 8' in r.stderr
 
+@pytest.mark.parametrize('group,all_ones', [(1, True), (0, False), (8, False)])
+def test_weight_group_1_divides_each_weight_by_itself(group, all_ones, tmp_path, monkeypatch, toy_teacher):
+    """--weight-group 1, as its help says: each sample its own sigma and h''(r) r over its own mean, so every weight is 1
+    (KL's gradient, whatever --h); 0 keeps the raw weights and 8 their mean over 8, which vary (SBA, lambda 5)."""
+    seen, real = [], db.sample_weight
+    def spy(l, h, lam=5.0, group=0, l_at=None):
+        seen.append(real(l, h, lam, group, l_at))
+        return seen[-1]
+    monkeypatch.setattr(db, 'sample_weight', spy)
+    db.train(db.get_config(['--data', 'toy', '--h', 'sba', '--weight-group', str(group), '--kimg', '1.024',
+                            '--batch', '128', '--eval-every', '1.024', '--out', str(tmp_path / 'r')]))
+    hr = torch.cat(seen)
+    assert len(seen) == 8 and bool((hr == 1).all()) == all_ones
+
 def tiny_image_net():
     torch.manual_seed(0)
     return db.EDMPrecond(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0).eval()
@@ -153,7 +167,7 @@ def test_toy_every_h_keeps_every_mode_and_sba_freezes_the_proportions(toy_sample
     and it runs with a reward below): every run finishes with finite losses and keeps all eight modes, each with at
     least 0.5% of the samples (a generator collapsed onto three modes fails that). lr and be come near the mixture (mode_tv < 0.08, precision > 0.7; the untrained student does not);
     SBA lambda 5 misweights the modes (mode_tv at least three times lr's) and leaves more of its mass between them
-    (precision at least 0.1 below lr's) (README, "Di-Bregman on the toy"). The other tests' 0.05 is not asserted for
+    (precision at least 0.1 below lr's) (docs/dibregman-toy.md). The other tests' 0.05 is not asserted for
     lr and be: their final mode_tv ranged 0.021-0.064 over seeds and settings."""
     mixture = db.GaussianMixture2D()
     metrics = {h: mixture.metrics(toy_samples[h][0]) for h in ('lr', 'be', 'sba')}
