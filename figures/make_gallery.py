@@ -13,7 +13,7 @@ the range over the seeds. Without --only it also writes, from the first seed's r
   figures/toy_gallery.png      the final one-step samples of every panel, 10k each (the first: the teacher's Heun sampler)
   figures/toy_training.gif     the same panels through training, one frame per evaluation (each run's frames/)
   figures/dibregman_modes.png  the mode frequencies of dibregman.py --h kl and --h sba --lam 5 against kimg
-and it prints the README's tables: the gallery, the experiments for a class, Di-Bregman's details per seed, its
+and it prints the README's tables: the gallery, the course's experiments, Di-Bregman's details per seed, its
 reward-tilted runs (Appendix G) and the first-order estimator against the exact one. With --data digits the runs go
 to runs/gallery-digits, the table is the judge's (fd_teacher, fd_data, class_tv, confident), and the figure
 figures/digits_gallery.png shows 64 final one-step samples of each run beside the teacher's Heun samples.

@@ -1,5 +1,6 @@
 """Every command the README shows runs as written: the script commands parse with the script's own argument parser
-(the toy ones also run for real in each method's toy test), the helper commands run, and the test command is CI's."""
+(the toy ones also run for real in each method's toy test), the helper commands run, and the test command is CI's;
+and every table of README.md and docs/*.md renders."""
 import importlib, re, shlex, subprocess, sys
 import pytest
 from conftest import ROOT
@@ -61,3 +62,16 @@ def test_helper_commands_run():
             args = shlex.split(cmd)[1:] + (['--help'] if cmd.startswith('python figures/') else [])   # the gallery takes 10 minutes
             r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, (cmd, r.stderr[-2000:])
+
+def test_every_table_renders():
+    """Every line that starts with `|`, in README.md and in docs/*.md, lies inside a table that a CommonMark parser
+    with tables (markdown-it-py, GitHub's rules) renders: rows after a blank line without a header row do not."""
+    from markdown_it import MarkdownIt
+    md = MarkdownIt('commonmark').enable('table')
+    stray = []
+    for path in [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]:
+        text = path.read_text()
+        tables = [t.map for t in md.parse(text) if t.type == 'table_open']
+        stray += [f'{path.relative_to(ROOT)}:{n + 1}: {line[:70]}' for n, line in enumerate(text.splitlines())
+                  if line.startswith('|') and not any(a <= n < b for a, b in tables)]
+    assert not stray, stray
