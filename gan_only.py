@@ -23,12 +23,11 @@ the generator step's own samples, kept per micro-batch (--batch-gpu), later ones
 Departures: appendix H gives only the gradient; the loss form, R1, one noise range for both players, the weight's
 clamp and normaliser, and all defaults are ours; digits: CIFAR-10's but lr 1e-4, 25.6 kimg, EMA 2.5 kimg.
 """
-import argparse, collections, copy, datetime, functools, inspect, io, json, math, os, pickle, resource, signal, time
-import warnings
+import argparse, collections, copy, datetime, functools, glob, inspect, io, json, math, os, pickle, resource, signal
+import time, warnings
 import numpy as np
 import torch
-import torch._dynamo   # imported after init_process_group (torch.optim would), it keeps the group alive past
-                       # destroy_process_group: gloo's threads then outlive Python and abort as it exits
+import torch._dynamo   # before init_process_group: imported after it (torch.optim would), gloo's threads abort at exit
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -210,7 +209,7 @@ class SongUNet(nn.Module):
     def __init__(self, img_resolution=32, in_channels=3, out_channels=3, label_dim=0, augment_dim=9,
                  model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.13):
         super().__init__()
-        mc, emb, c, skips = model_channels, 4 * model_channels, in_channels, []
+        mc, emb, c, skips = model_channels, 4 * model_channels, model_channels, []
         block = functools.partial(UNetBlock, emb=emb, dropout=dropout)
         self.map_label = nn.Linear(label_dim, mc) if label_dim else None
         self.map_augment = nn.Linear(augment_dim, mc, bias=False) if augment_dim else None
@@ -219,8 +218,7 @@ class SongUNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
-                self.enc[f'{res}x{res}_conv'] = Conv2d(c, mc, 3)
-                c = mc
+                self.enc[f'{res}x{res}_conv'] = Conv2d(in_channels, mc, 3)
             else:
                 self.enc[f'{res}x{res}_down'] = block(c, c, down=True)
             skips.append(c)
@@ -307,7 +305,9 @@ def download(url, dst):   # with a progress bar, through a temp file and a renam
         raise SystemExit(f'error: could not download {url} ({e}). Download it by hand and put it at {dst}')
     return dst
 
-_Stub = argparse.Namespace   # stands in for the official pickle's classes: keeps their name and state, runs nothing
+class _Stub(nn.Module):   # stands in for the official pickle's classes: keeps their name and state, runs nothing
+    def __init__(self, class_name, state):                      # (a module's state: its state_dict() works)
+        self.__setstate__({**state, 'class_name': class_name})
 
 class _SafeUnpickler(pickle.Unpickler):
     """EDM's pickles without dnnlib and torch_utils, CIFAR-10's batches: EDM's persistent objects (whose source EDM
@@ -317,7 +317,7 @@ class _SafeUnpickler(pickle.Unpickler):
                ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
                ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True),
                ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-                   lambda m: _Stub(class_name=m['class_name'], **m['state']),
+                   lambda m: _Stub(m['class_name'], m['state']),
                **{(m, f): v for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for f, v in
                   (('scalar', lambda dtype, b: np.frombuffer(b, dtype)[0]), ('_reconstruct', np.ndarray.__new__))},
                ('dnnlib.util', 'EasyDict'): dict, ('numpy', 'dtype'): np.dtype, ('builtins', 'set'): set,
@@ -338,13 +338,6 @@ def load_data(path, **kwargs):   # a checkpoint (.pt: torch's weights-only loade
         why = f"it names the global {words[words.index('GLOBAL') + 1]}" if 'GLOBAL' in words else str(e).splitlines()[0]
         raise SystemExit(f'error: {path} is refused, {why}: a file that runs code is never loaded here')
 
-def _stub_state_dict(stub, prefix=''):   # the state_dict of a module that was unpickled into _Stubs
-    tensors = {**getattr(stub, '_parameters', {}), **getattr(stub, '_buffers', {})}
-    sd = {prefix + k: v for k, v in tensors.items() if v is not None}
-    for k, child in getattr(stub, '_modules', {}).items():
-        if child is not None: sd.update(_stub_state_dict(child, prefix + k + '.'))
-    return sd
-
 def load_edm(source, device='cpu'):
     """EDMPrecond in eval mode from an official network pickle: a URL (downloaded to the cache) or a file."""
     if source.startswith(('http://', 'https://')):
@@ -359,7 +352,7 @@ def load_edm(source, device='cpu'):
         init = getattr(ema._modules['model'], '_init_kwargs', {})          # not DDPM++: strict loading names the keys
         kwargs = {k: v for k, v in init.items() if k in inspect.signature(SongUNet).parameters and k != 'label_dim'}
         net = EDMPrecond(label_dim=int(ema.label_dim), sigma_data=float(ema.sigma_data), **kwargs)
-        net.load_state_dict(_stub_state_dict(ema), strict=True)
+        net.load_state_dict(ema.state_dict(), strict=True)
     except (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, EOFError, AttributeError, TypeError) as e:
         why = ' '.join(str(e).split())[:300]                                      # one line: torch's text has \n\t
         raise SystemExit(f'error: {source} is not a usable EDM network ({type(e).__name__}: {why}). '
@@ -395,12 +388,12 @@ def heun_sample(net, z, class_labels=None, steps=18):
         x = x_next
     return x.float()
 
-def train_teacher(net, sample, path, steps, batch, what):
+def train_teacher(net, sample, path, steps, batch):
     """A teacher trained here (toy, digits) by edm_loss at EDM's lognormal sigma on sample(batch); cached at path."""
     if not os.path.exists(path):
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
-        for _ in tqdm(range(steps), desc=f'training the {what} (once, cached)', leave=False):
+        for _ in tqdm(range(steps), desc=f'training {os.path.basename(path)} (once, cached)', leave=False):
             sigma = (torch.randn(batch) * 1.2 - 1.2).exp()                      # EDM: ln sigma ~ N(-1.2, 1.2^2)
             x, c = sample(batch)
             loss = edm_loss(net, x, sigma, torch.randn_like(x), c)
@@ -465,8 +458,7 @@ def toy_teacher(steps=3000, batch=1024, seed=0):   # ToyDenoiser trained by trai
     torch.manual_seed(seed)
     mixture = GaussianMixture2D()
     path = os.path.join(cache_dir(), f'toy_teacher_v2_{steps}_{seed}.pt')
-    return train_teacher(ToyDenoiser(mixture.sigma_data), lambda n: (mixture.sample(n), None), path, steps, batch,
-                         'toy teacher')
+    return train_teacher(ToyDenoiser(mixture.sigma_data), lambda n: (mixture.sample(n), None), path, steps, batch)
 
 def draw_toy(ax, mixture, x, title):   # samples x (N, 2) over the contours of the mixture's exact density, and metrics
     xx, yy = torch.meshgrid(torch.linspace(-3, 3, 200), torch.linspace(-3, 3, 200), indexing='xy')
@@ -493,12 +485,13 @@ def digits_teacher(cond=False, steps=2000, seed=0):   # EDMPrecond at DIGITS_UNE
         i = torch.randint(len(x), (n,))
         return x[i].float() / 127.5 - 1, F.one_hot(y[i], 10).float() if cond else None
     path = os.path.join(cache_dir(), f"digits_teacher_{'cond' if cond else 'uncond'}_{steps}_{seed}.pt")
-    return train_teacher(EDMPrecond(label_dim=10 * cond, **DIGITS_UNET), sample, path, steps, 128, "digits teacher")
+    return train_teacher(EDMPrecond(label_dim=10 * cond, **DIGITS_UNET), sample, path, steps, 128)
 
-def frechet(a, b):   # the Frechet distance between Gaussians fitted to two sets of features (N, D)
+def frechet(a, b):   # the Frechet distance between Gaussians fitted to features a (N, D) and b, or b's (mean, cov)
     from cleanfid.fid import frechet_distance
+    mu, cov = b if isinstance(b, tuple) else (b.mean(0), np.cov(b, rowvar=False))
     with warnings.catch_warnings(action='ignore'):              # sqrtm of a blur's singular covariance warns
-        return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+        return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), mu, cov))
 
 class DigitsJudge:
     """The digits' judge: scikit-learn's MLP of the pixels (64 hidden units), fit on 1,500 digits, tested on the other
@@ -527,6 +520,7 @@ class DigitsJudge:
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+VGG_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 def load_cifar10(root):
     """CIFAR-10's training set as uint8 (50000, 3, 32, 32) and int64 labels; torchvision downloads it."""
@@ -542,8 +536,6 @@ def load_cifar10(root):
     batches = [load_data(f, encoding='latin1') for f in files]            # pickled dicts of numpy arrays and lists
     x = np.concatenate([np.asarray(b['data'], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
     return torch.from_numpy(x), torch.tensor([y for b in batches for y in b['labels']])
-
-VGG_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
 
 def lpips_vgg(device, pretrained=True):
     """d(a, b) per sample: LPIPS-VGG (the lpips package) at 224 x 224, bilinear, as in openai/consistency_models;
@@ -578,7 +570,6 @@ def clean_fid_extractor(device):
 
 def fid(sample_batches, extract, ref_path, real_batches):
     """FID in both modes of uint8 batches; the statistics of real_batches() are cached at ref_path, one per mode."""
-    from cleanfid.fid import frechet_distance
     out = {}
     for mode in ('legacy_tensorflow', 'clean'):
         path = ref_path.format(mode=mode)
@@ -588,8 +579,7 @@ def fid(sample_batches, extract, ref_path, real_batches):
             np.savez(path, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
         ref = np.load(path)
         f = np.concatenate([extract(b, mode) for b in sample_batches]).astype(np.float64)
-        out['fid_' + mode.split('_')[0]] = float(frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref['mu'],
-                                                                  ref['sigma']))
+        out['fid_' + mode.split('_')[0]] = frechet(f, (ref['mu'], ref['sigma']))
     return out
 # === END SHARED: data and evaluation ===
 
@@ -665,8 +655,7 @@ def finish_config(p, argv, defaults):   # parses argv and fills what the user le
     saved = load_data(path, mmap=True)['cfg']                            # reads the settings alone
     if saved.get('script') != cfg.script: raise SystemExit(f"error: {path} was written by {saved.get('script')}.py")
     given = {k: v for k, v in vars(cfg).items() if k in RESUMABLE and v is not None}   # what this command may change
-    if cfg.eval_only: return argparse.Namespace(**{**saved, **given})   # the checkpoint's world, this evaluation
-    return cfg
+    return argparse.Namespace(**{**saved, **given}) if cfg.eval_only else cfg   # eval-only: the checkpoint's world
 
 @torch.no_grad()
 def ema_update(ema, net, batch, half_life_kimg):   # EDM's EMA: ema <- ema + (1 - beta) (net - ema), a half-life in kimg
@@ -725,9 +714,8 @@ class World:
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
     def step(self, opt, loss_fn, *batch, clip=0.0):
-        """One update of opt on this process's batch: loss_fn(*micro) -> (loss, logs) on each micro-batch of the
-        per-sample tensors in batch (--batch-gpu rows each; None stays None; batch[0] is a tensor), the gradients
-        summed with each micro-batch's share, averaged over ranks, and clipped to norm clip. Returns the mean logs."""
+        """One update of opt: loss_fn(*micro) -> (loss, logs) on --batch-gpu rows of each per-sample tensor in batch
+        (None stays None); the gradients summed by share, averaged over ranks, clipped to norm clip; the mean logs."""
         opt.zero_grad(set_to_none=True)
         parts, logs = [None if t is None else t.split(self.cfg.batch_gpu) for t in batch], {}
         for i in range(len(parts[0])):
@@ -766,13 +754,11 @@ class World:
         tag = f'_{steps}step' if steps > 1 else ''
         if self.rank: return
         with self.autocast():
-            metrics = self.evaluate_toy(sampler, kimg, final, tag) if cfg.data == 'toy' else \
-                self.evaluate_images(sampler, kimg, final, tag)
+            metrics = (self.evaluate_toy if cfg.data == 'toy' else self.evaluate_images)(sampler, kimg, final, tag)
         row = dict(kimg=kimg, step=step, sample_steps=steps, **metrics, final=final, eval_only=cfg.eval_only)
         if final and not cfg.eval_only:                                 # training.gif: the frames, one per evaluation
             from PIL import Image
-            frames = [os.path.join(cfg.out, 'frames', f) for f in sorted(os.listdir(os.path.join(cfg.out, 'frames')))]
-            gif = [Image.open(f) for f in frames if f.endswith('.png')]
+            gif = [Image.open(f) for f in sorted(glob.glob(os.path.join(cfg.out, 'frames', '*.png')))]
             gif[0].save(os.path.join(cfg.out, 'training.gif'), save_all=True, append_images=gif[1:], duration=250)
         print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
         tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
@@ -810,9 +796,8 @@ class World:
             labels.append(None if c is None else c.argmax(1).cpu())
         images, labels = torch.cat(images), torch.cat(labels) if self.label_dim else None
         if final:                                                       # the evaluator's format: uint8 N x H x W x C
-            arrays = dict(arr_0=images.permute(0, 2, 3, 1).cpu().numpy())
-            if self.label_dim: arrays['arr_1'] = labels.numpy()                     # and the class labels
-            np.savez(os.path.join(cfg.out, f'samples_{kimg:g}kimg{tag}.npz'), **arrays)
+            arrays = [images.permute(0, 2, 3, 1).cpu().numpy()] + ([labels.numpy()] if self.label_dim else [])
+            np.savez(os.path.join(cfg.out, f'samples_{kimg:g}kimg{tag}.npz'), *arrays)   # arr_0, arr_1 (labels)
         if self.judge: return dict(samples=n, **self.judge.metrics(images, labels, self.reference))
         self.extract = self.extract or clean_fid_extractor(self.device)
         ref = os.path.join(cache_dir() if cfg.data_dir is None else cfg.out, 'fid_ref_cifar10_{mode}.npz')
@@ -834,10 +819,9 @@ def load_checkpoint(cfg, world, nets, opts, path):
     for k, net in nets.items():
         net.load_state_dict(ck['nets'][k])
     for k, opt in opts.items():
-        lrs = [g['lr'] for g in opt.param_groups]
+        for saved, group in zip(ck['opts'][k]['param_groups'], opt.param_groups):
+            saved['lr'] = group['lr']                                   # this run's learning rates
         opt.load_state_dict(ck['opts'][k])
-        for g, lr in zip(opt.param_groups, lrs):
-            g['lr'] = lr
     torch.set_rng_state(ck['rng'][world.rank])
     if world.device.type == 'cuda' and ck['cuda_rng'] is not None: torch.cuda.set_rng_state(ck['cuda_rng'][world.rank])
     if world.rank == 0: print(f"{'resumed from' if cfg.resume else 'evaluating'} {path} at step {ck['step']}")
@@ -858,9 +842,8 @@ def log_losses(cfg, world, step, names, pending, seconds):   # checks and prints
     vals = torch.stack(pending)                                         # (steps, losses)
     if cfg.world_size > 1: torch.distributed.all_reduce(vals)          # summed over ranks: a NaN on one stops all
     vals = vals.cpu() / cfg.world_size                                  # the loop's one host sync
-    bad = (~torch.isfinite(vals)).nonzero()
-    if len(bad):
-        r, c = bad[0].tolist()
+    if not torch.isfinite(vals).all():
+        r, c = (~torch.isfinite(vals)).nonzero()[0].tolist()
         raise FloatingPointError(f'{names[c]} is {vals[r, c].item()} at step {step - len(vals) + r + 1}')
     dt, losses = seconds / len(vals), '  '.join(f'{k} {v:.4f}' for k, v in zip(names, vals.mean(0).tolist()))
     if world.rank == 0: tqdm.write(f'step {step:7d}  kimg {step * cfg.batch / 1000:9.2f}  {losses}  '
