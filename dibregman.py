@@ -2,29 +2,26 @@
 dibregman.py -- Di-Bregman: one-step distillation of the EDM CIFAR-10 teacher by Bregman density-ratio matching.
 
 A one-step generator G_theta, a copy of the teacher phi, follows DMD's score difference s_phi - s_psi on its noised
-samples x_t (s_psi: the score of an auxiliary model psi trained on G's samples), each sample weighted by h''(r) r: r =
-q_t/p_t is the generator-to-data density ratio, h the convex function of the Bregman divergence D_h(r || 1) (Theorem
-3.1, Eq. 4; KL: weight 1, DMD). r = e^{-l}, l the logit of a discriminator D_eta = sigmoid(l) on psi's encoder (SiDA),
-trained on real images against G's samples (Eq. 5). Zhu et al., "One-step Diffusion Models with Bregman Density Ratio
-Matching", arXiv 2510.16983.
+samples x_t (s_psi: the score of psi, `fake`, trained on G's samples; s = (D - x_t) / sigma^2 from their denoisers'
+outputs D_real and D_fake), each sample weighted by hr = h''(r) r: r = q_t/p_t is the generator-to-data density ratio,
+h the convex function of the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq. 4; KL: weight 1, DMD). r = e^{-l}, l the
+logit of a discriminator D_eta = sigmoid(l), a head `fake.eta` on psi's encoder (SiDA), trained on real images against
+G's samples (Eq. 5); loss_G is Algorithm 1's lines 3-14, loss_fake its lines 15-22. Zhu et al., "One-step Diffusion
+Models with Bregman Density Ratio Matching", arXiv 2510.16983.
 
     python dibregman.py --h sba --lam 5             # CIFAR-10 uncond, one H100: the paper's run; its FID: 3.61 (clean)
     python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a minute; any h (README, experiment 3)
     python dibregman.py --data digits               # 8x8 handwritten digits on a CPU, 2 minutes (--h sba)
     python dibregman.py --data toy --h kl --reward-beta 1     # Appendix G: toward p* ~ exp(x0[0]) p, the tilted mixture
-Names, as in the other scripts: teacher and fake are phi and psi; D_real, D_fake their denoisers' outputs at x_t, D_phi
-and D_psi (a score is s = (D - x_t) / sigma^2); fake.eta and l: the discriminator head eta and its logit l_t(x_t); hr:
-Table 1's h''(r) r. loss_G is Algorithm 1's lines 3-14, loss_fake its lines 15-22.
 
 CIFAR-10 defaults: Algorithm 1 and Eq. (4)-(5): t ~ U[0, 1] for Eq. (4) (sigma = karras(u), u in [0.02, 0.98]), t'' ~
 U[0, 0.95] for Eq. (5) (u = 1 - t''), no GAN term; SiDA, the framework the paper names (Zhou et al., ICLR 2025, arXiv
 2410.14919; mingyuanzhou/SiD, branch sida, run_sida.sh): G(z) = D(2.5 z, 2.5) (--init-sigma), batch 256, lr 1e-5 for
 G and for psi + eta, Adam (0, 0.999), eps 1e-8, EMA half-life 500 kimg, psi's loss at EDM's lognormal sigma and weight
 summed over a sample, fp32 without TF32 (--precision fp32; bf16 is far faster). Ours: --kimg 20000 (SiDA: 300000),
---weight-group 8 (K samples share sigma, h''(r) r over its mean among them: a choice of Eq. 4's free w(t)), an
-unweighted Eq. (5), one logit per sample (SiDA: per 8 x 8 position), no EMA ramp-up, no augmentation for psi (SiDA:
-p = 0.12), the DDPM++ teacher (appendix D distils NCSN++). Toy: G(z) = D(80 z, 80), batch 512, lr 3e-4, a linear
-head, 1200 kimg, EMA 50 kimg; digits: CIFAR-10's, but batch 64, lr 1e-4, 25.6 kimg, EMA 2.5 kimg.
+--weight-group 8 (hr over its mean among K samples of one sigma: a choice of Eq. 4's free w(t)), an unweighted Eq.
+(5), one logit per sample (SiDA: per 8 x 8 position), no EMA ramp-up, no augmentation for psi (SiDA: p = 0.12), the
+DDPM++ teacher (appendix D distils NCSN++). Toy: G(z) = D(80 z, 80), a linear head; toy and digits: DEFAULTS below.
 """
 import argparse, collections, copy, datetime, functools, glob, inspect, io, json, math, os, pickle, resource, signal
 import time, warnings
@@ -126,8 +123,7 @@ def train(cfg, extract=None, reward_fn=None):
         z, c = world.noise(1, torch.Generator(world.device))    # (its own RNG: the training noise is untouched)
         C = world.teacher(z, 1.0, c, return_features=True)[1].shape[1]
         fake.eta = nn.Linear(C, 1).to(world.device)
-        nn.init.constant_(fake.eta.weight, 1 / C)
-        nn.init.zeros_(fake.eta.bias)
+        fake.eta.load_state_dict(dict(weight=torch.full((1, C), 1 / C), bias=torch.zeros(1)))   # w = 1 / C, b = 0
     adam = functools.partial(torch.optim.Adam, betas=(0.0, 0.999), eps=1e-8, fused=True)
     opt_G, opt_fake = adam(G.parameters(), lr=cfg.lr), adam(fake.parameters(), lr=cfg.lr_fake or cfg.lr)
     G_c, fake_c, teacher_c = world.compiled(G), world.compiled(fake), world.compiled(world.teacher)
@@ -182,14 +178,13 @@ def train(cfg, extract=None, reward_fn=None):
 
 # -----------------------------------------------------------------------------
 # Appendix G (--reward-beta B): the target p* ~ R p, R(x0) = exp(B a.x0), has the ratio r* = R_t / Z0 to the data
-# (Eq. 19, 36), R_t = E[R(x0) | x_t]. The gradient of Eq. (32), D_h(r || r*), through x_t = G(eps) + sigma n adds
+# (Eq. 19, 29, 36), R_t = E[R(x0) | x_t]. The gradient of Eq. (32), D_h(r || r*), through x_t = G(eps) + sigma n adds
 # -E[h''(r*) r* grad log R_t dG/dtheta] to Eq. (4)'s: zero where r = r*; for KL, DMD toward the tilted teacher D_phi +
 # sigma^2 grad log R_t (Eq. 35 as printed has the other sign: toward 1/R). R_t: exact on the toy, or Eq. (25)'s
 # R(D_phi(x_t)) through the teacher; above --reward-cap, the limits R_t = Z0, sigma^2 grad log R_t = E_p*[x0] - E_p[x0].
 
 def reward_tilt(cfg, world, reward_fn=None):
-    """tilt(x_t, sigma, c) -> (log r*, shift), r* = R_t / Z0 (Eq. 29, 36), shift = sigma^2 grad log R_t. log R(x0) =
-    beta reward_fn(x0), by default beta a.x0; on the toy with a.x0 evaluation scores the tilted mixture."""
+    """tilt(x_t, sigma, c) -> (log r*, shift = sigma^2 grad log R_t); log R(x0) = beta reward_fn(x0), or beta a.x0."""
     def log_reward(x0):   # a.x0: x0[0] on the toy (a = (1, 0)), the mean pixel on CIFAR-10; or a user's reward_fn(x0)
         a_x0 = x0[:, 0] if x0.ndim == 2 else x0.flatten(1).mean(1)
         return cfg.reward_beta * (reward_fn(x0) if reward_fn else a_x0)
