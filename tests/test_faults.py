@@ -2,7 +2,7 @@
 while writing a checkpoint, NaN weights, a used or mismatched --out, offline downloads. FAULTS below is the table in
 the README ("What happens when things go wrong"): `python tests/test_faults.py` prints it, and a test checks that
 the README holds it and that every test it names exists, so each row is an outcome a test asserts."""
-import importlib, os, signal, subprocess, sys, time
+import copy, importlib, os, signal, subprocess, sys, time
 import numpy as np
 import pytest
 import torch
@@ -20,6 +20,8 @@ FAULTS = [  # (fault, outcome, test that asserts it)
     ('new run into an `--out` that holds a run', 'refused, one line: pass `--resume` or choose another `--out`', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
     ('`--resume` with other settings than the checkpoint (`--h`, `--ema-kimg`, ...; `--lr`, `--precision`, `--kimg` may change)',
      'refused, one line naming the flags that differ', 'test_faults.py::test_sigkill_then_resume_is_bit_identical'),
+    ('`--resume` with a new `--lr` (or `--lr-fake`, ...)', 'each optimiser\'s saved state (Adam\'s moments and step) comes back, with the new learning rate',
+     'test_faults.py::test_resume_keeps_the_optimiser_state_and_takes_this_runs_learning_rates'),
     ('`--resume` or `--eval-only` with no checkpoint in `--out`', 'one-line error; no folder is left behind',
      'test_after_training.py::test_eval_only_refuses_what_it_cannot_score'),
     ('`--resume` or `--eval-only` on a checkpoint of another script', 'one-line error: "ckpt.pt was written by dmd.py"',
@@ -81,6 +83,27 @@ def test_sigkill_then_resume_is_bit_identical(script, tmp_path, toy_teacher):
         mod.train(mod.get_config([*SHORT, '--out', str(tmp_path / 'a')]))
     with pytest.raises(SystemExit, match=r'was trained with --ema-kimg \d+(\.\d+)?; pass the same'):  # other settings
         mod.train(mod.get_config([*SHORT, '--out', str(tmp_path / 'a'), '--resume', '--ema-kimg', '7']))
+
+def test_resume_keeps_the_optimiser_state_and_takes_this_runs_learning_rates(tmp_path, toy_teacher, monkeypatch):
+    """--resume --lr --lr-fake: each optimiser's saved state (Adam's moments, its step) comes back, with the new rates."""
+    import dibregman as db
+    out = tmp_path / 'run'
+    db.train(db.get_config([*SHORT, '--out', str(out)]))
+    saved, loaded = torch.load(out / 'ckpt.pt', weights_only=True)['opts'], {}
+    def spy(cfg, world, nets, opts, path):
+        step = load(cfg, world, nets, opts, path)
+        loaded.update({k: copy.deepcopy(o.state_dict()) for k, o in opts.items()})   # before training goes on
+        return step
+    load = db.load_checkpoint
+    monkeypatch.setattr(db, 'load_checkpoint', spy)
+    db.train(db.get_config([*SHORT, '--out', str(out), '--resume', '--kimg', '17', '--lr', '1e-5', '--lr-fake', '2e-5']))
+    assert [g['lr'] for g in saved['G']['param_groups']] == [3e-4]                   # the toy's default, saved
+    assert [g['lr'] for g in loaded['G']['param_groups']] == [1e-5]
+    assert [g['lr'] for g in loaded['fake']['param_groups']] == [2e-5]
+    for k in saved:
+        assert saved[k]['state'].keys() == loaded[k]['state'].keys()
+        assert all(torch.equal(saved[k]['state'][i][m], loaded[k]['state'][i][m]) for i in saved[k]['state']
+                   for m in ('step', 'exp_avg', 'exp_avg_sq')), k
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(script, tmp_path, toy_teacher, monkeypatch):
