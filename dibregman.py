@@ -2,12 +2,12 @@
 dibregman.py -- Di-Bregman: one-step distillation of the EDM CIFAR-10 teacher by Bregman density-ratio matching.
 
 A one-step generator G_theta, a copy of the teacher phi, follows DMD's score difference s_phi - s_psi on its noised
-samples x_t (s_psi: the score of psi, `fake`, trained on G's samples; s = (D - x_t) / sigma^2 from their denoisers'
-outputs D_real and D_fake), each sample weighted by hr = h''(r) r: r = q_t/p_t is the generator-to-data density ratio,
-h the convex function of the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq. 4; KL: weight 1, DMD). r = e^{-l}, l the
-logit of a discriminator D_eta = sigmoid(l), a head `fake.eta` on psi's encoder (SiDA), trained on real images against
-G's samples (Eq. 5); loss_G is Algorithm 1's lines 3-14, loss_fake its lines 15-22. Zhu et al., "One-step Diffusion
-Models with Bregman Density Ratio Matching", arXiv 2510.16983.
+samples x_t (s_psi: the score of psi, `fake`, trained on G's samples; s = (D - x_t) / sigma^2, D_real = D_phi(x_t) and
+D_fake = D_psi(x_t) the denoisers' outputs), each sample weighted by hr = h''(r) r (Table 1): r = q_t/p_t is the
+generator-to-data density ratio, h the convex function of the Bregman divergence D_h(r || 1) (Theorem 3.1, Eq. 4; KL:
+weight 1, DMD). r = e^{-l}, l = l_t(x_t) the logit of a discriminator D_eta = sigmoid(l), a head `fake.eta` on psi's
+encoder (SiDA), trained on real images against G's samples (Eq. 5); loss_G is Algorithm 1's lines 3-14, loss_fake its
+lines 15-22. Zhu et al., "One-step Diffusion Models with Bregman Density Ratio Matching", arXiv 2510.16983.
 
     python dibregman.py --h sba --lam 5             # CIFAR-10 uncond, one H100: the paper's run; its FID: 3.61 (clean)
     python dibregman.py --data toy --h lr           # 2-D mixture on a CPU, a minute; any h (README, experiment 3)
@@ -27,7 +27,7 @@ import argparse, collections, copy, datetime, functools, glob, inspect, io, json
 import time, warnings
 import numpy as np
 import torch
-import torch._dynamo   # before init_process_group: imported after it (torch.optim would), gloo's threads abort at exit
+import torch._dynamo   # here: imported after init_process_group (torch.optim would), it keeps gloo alive: abort at exit
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -538,7 +538,7 @@ def digits_teacher(cond=False, steps=2000, seed=0):   # EDMPrecond at DIGITS_UNE
 def frechet(a, b):   # the Frechet distance between Gaussians fitted to features a (N, D) and b, or b's (mean, cov)
     from cleanfid.fid import frechet_distance
     mu, cov = b if isinstance(b, tuple) else (b.mean(0), np.cov(b, rowvar=False))
-    with warnings.catch_warnings(action='ignore'):              # sqrtm of a blur's singular covariance warns
+    with warnings.catch_warnings(action='ignore'):              # sqrtm warns on a singular covariance (a blur's)
         return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), mu, cov))
 
 class DigitsJudge:
@@ -762,8 +762,8 @@ class World:
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
     def step(self, opt, loss_fn, *batch, clip=0.0):
-        """One update of opt: loss_fn(*micro) -> (loss, logs) on --batch-gpu rows of each per-sample tensor in batch
-        (None stays None); the gradients summed by share, averaged over ranks, clipped to norm clip; the mean logs."""
+        """One update of opt: loss_fn(*micro) -> (loss, logs) on each --batch-gpu rows of this process's batch tensors
+        (batch[0] is one; None stays None); gradients weighted by rows, rank-averaged, clipped; returns mean logs."""
         opt.zero_grad(set_to_none=True)
         parts, logs = [None if t is None else t.split(self.cfg.batch_gpu) for t in batch], {}
         for i in range(len(parts[0])):
@@ -806,7 +806,7 @@ class World:
         row = dict(kimg=kimg, step=step, sample_steps=steps, **metrics, final=final, eval_only=cfg.eval_only)
         if final and not cfg.eval_only:                                 # training.gif: the frames, one per evaluation
             from PIL import Image
-            gif = [Image.open(f) for f in sorted(glob.glob(os.path.join(cfg.out, 'frames', '*.png')))]
+            gif = [Image.open(f) for f in sorted(glob.glob(os.path.join(glob.escape(cfg.out), 'frames', '*.png')))]
             gif[0].save(os.path.join(cfg.out, 'training.gif'), save_all=True, append_images=gif[1:], duration=250)
         print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
         tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))

@@ -35,7 +35,7 @@ import argparse, collections, copy, datetime, functools, glob, inspect, io, json
 import time, warnings
 import numpy as np
 import torch
-import torch._dynamo   # before init_process_group: imported after it (torch.optim would), gloo's threads abort at exit
+import torch._dynamo   # here: imported after init_process_group (torch.optim would), it keeps gloo alive: abort at exit
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -493,7 +493,7 @@ def digits_teacher(cond=False, steps=2000, seed=0):   # EDMPrecond at DIGITS_UNE
 def frechet(a, b):   # the Frechet distance between Gaussians fitted to features a (N, D) and b, or b's (mean, cov)
     from cleanfid.fid import frechet_distance
     mu, cov = b if isinstance(b, tuple) else (b.mean(0), np.cov(b, rowvar=False))
-    with warnings.catch_warnings(action='ignore'):              # sqrtm of a blur's singular covariance warns
+    with warnings.catch_warnings(action='ignore'):              # sqrtm warns on a singular covariance (a blur's)
         return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), mu, cov))
 
 class DigitsJudge:
@@ -717,8 +717,8 @@ class World:
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
     def step(self, opt, loss_fn, *batch, clip=0.0):
-        """One update of opt: loss_fn(*micro) -> (loss, logs) on --batch-gpu rows of each per-sample tensor in batch
-        (None stays None); the gradients summed by share, averaged over ranks, clipped to norm clip; the mean logs."""
+        """One update of opt: loss_fn(*micro) -> (loss, logs) on each --batch-gpu rows of this process's batch tensors
+        (batch[0] is one; None stays None); gradients weighted by rows, rank-averaged, clipped; returns mean logs."""
         opt.zero_grad(set_to_none=True)
         parts, logs = [None if t is None else t.split(self.cfg.batch_gpu) for t in batch], {}
         for i in range(len(parts[0])):
@@ -761,7 +761,7 @@ class World:
         row = dict(kimg=kimg, step=step, sample_steps=steps, **metrics, final=final, eval_only=cfg.eval_only)
         if final and not cfg.eval_only:                                 # training.gif: the frames, one per evaluation
             from PIL import Image
-            gif = [Image.open(f) for f in sorted(glob.glob(os.path.join(cfg.out, 'frames', '*.png')))]
+            gif = [Image.open(f) for f in sorted(glob.glob(os.path.join(glob.escape(cfg.out), 'frames', '*.png')))]
             gif[0].save(os.path.join(cfg.out, 'training.gif'), save_all=True, append_images=gif[1:], duration=250)
         print(json.dumps(row), file=open(os.path.join(cfg.out, 'metrics.jsonl'), 'a'), flush=True)
         tqdm.write('eval  ' + '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))

@@ -85,10 +85,11 @@ def test_sigkill_then_resume_is_bit_identical(script, tmp_path, toy_teacher):
         mod.train(mod.get_config([*SHORT, '--out', str(tmp_path / 'a'), '--resume', '--ema-kimg', '7']))
 
 def test_resume_keeps_the_optimiser_state_and_takes_this_runs_learning_rates(tmp_path, toy_teacher, monkeypatch):
-    """--resume --lr --lr-fake: each optimiser's saved state (Adam's moments, its step) comes back, with the new rates."""
+    """--resume --lr --lr-fake: each optimiser's saved state (Adam's moments, step) comes back with the new rates."""
     import dibregman as db
-    out = tmp_path / 'run'
-    db.train(db.get_config([*SHORT, '--out', str(out)]))
+    out = tmp_path / 'run [1]*'                                       # a folder name with glob's special characters
+    short = ['--data', 'toy', '--kimg', '1', '--batch', '256', '--eval-every', '1']   # 4 steps, each checkpointed
+    db.train(db.get_config([*short, '--out', str(out)]))
     saved, loaded = torch.load(out / 'ckpt.pt', weights_only=True)['opts'], {}
     def spy(cfg, world, nets, opts, path):
         step = load(cfg, world, nets, opts, path)
@@ -96,7 +97,7 @@ def test_resume_keeps_the_optimiser_state_and_takes_this_runs_learning_rates(tmp
         return step
     load = db.load_checkpoint
     monkeypatch.setattr(db, 'load_checkpoint', spy)
-    db.train(db.get_config([*SHORT, '--out', str(out), '--resume', '--kimg', '17', '--lr', '1e-5', '--lr-fake', '2e-5']))
+    db.train(db.get_config([*short, '--out', str(out), '--resume', '--kimg', '2', '--lr', '1e-5', '--lr-fake', '2e-5']))
     assert [g['lr'] for g in saved['G']['param_groups']] == [3e-4]                   # the toy's default, saved
     assert [g['lr'] for g in loaded['G']['param_groups']] == [1e-5]
     assert [g['lr'] for g in loaded['fake']['param_groups']] == [2e-5]
@@ -104,6 +105,7 @@ def test_resume_keeps_the_optimiser_state_and_takes_this_runs_learning_rates(tmp
         assert saved[k]['state'].keys() == loaded[k]['state'].keys()
         assert all(torch.equal(saved[k]['state'][i][m], loaded[k]['state'][i][m]) for i in saved[k]['state']
                    for m in ('step', 'exp_avg', 'exp_avg_sq')), k
+    assert (out / 'training.gif').is_file()
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(script, tmp_path, toy_teacher, monkeypatch):
