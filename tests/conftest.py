@@ -17,8 +17,11 @@ THREADS = torch.get_num_threads()              # the default: the toy teacher is
 # which left the digits' few long runs to the end, on one worker (2 cores: 925 s, 1,416 s of CPU: a core idle 430 s).
 # The first two both wait for the toy teacher, trained with every core's thread: with the digits teacher trained
 # beside it, the first toy test waited 380 s for it, not 25.
-SLOWEST_FIRST = ['test_dibregman.py', 'test_dmd.py', 'test_digits.py', 'test_distributed.py', 'test_gan_only.py',
-                 'test_faults.py', 'test_sid.py', 'test_consistency.py', 'test_after_training.py']
+# After them, longest first (seconds on one worker, 2-core Xeon: 166, 90, 68, 66, 61, 41, 26, 20), so that the last
+# file to start is a short one: the workers ended 72 s apart with test_shared.py last.
+SLOWEST_FIRST = ['test_dibregman.py', 'test_dmd.py', 'test_digits.py', 'test_distributed.py', 'test_faults.py',
+                 'test_shared.py', 'test_gan_only.py', 'test_after_training.py', 'test_sid.py', 'test_consistency.py',
+                 'test_edm.py']
 
 def pytest_configure(config):   # pytest -n: whole files to a worker (a module's toy runs are made once)
     if getattr(config.option, 'dist', 'no') == 'load': config.option.dist = 'loadfile'
